@@ -1,0 +1,15 @@
+"""Datamodules: one per dataset family, all yielding the batch contract of DESIGN.md."""
+
+from .base import AnomalyDataModule, DatasetError, Sample
+from .btad import BTAD
+from .folder import Folder
+from .mvtec import MVTecAD, MVTecAD2, MVTecLOCO
+from .synthetic import SyntheticMVTecAD, write_synthetic
+from .visa import VisA
+
+DATAMODULES = {cls.__name__: cls for cls in (MVTecAD, MVTecAD2, MVTecLOCO, BTAD, VisA, Folder, SyntheticMVTecAD)}
+
+__all__ = [
+    "BTAD", "DATAMODULES", "AnomalyDataModule", "DatasetError", "Folder", "MVTecAD", "MVTecAD2",
+    "MVTecLOCO", "Sample", "SyntheticMVTecAD", "VisA", "write_synthetic",
+]  # fmt: skip

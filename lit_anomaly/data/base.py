@@ -1,0 +1,330 @@
+"""What every dataset family shares: split building, limits, image decoding and the batch contract."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+SPLITS = ("train", "calibration", "test", "predict")
+
+
+class DatasetError(ValueError):
+    """Bad dataset input; the message names the path or value and what was expected."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int  # 0 normal, 1 anomalous, -1 unknown
+    defect_type: str
+    masks: tuple[Path, ...] = ()  # several masks (MVTec LOCO) are OR-ed together
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly inside `folder`, any supported extension in any case, sorted by name."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def find_mask(folder: Path, stem: str, suffixes: Sequence[str] = ("_mask", "")) -> Path | None:
+    """The mask file for image `stem` in `folder`: `<stem><suffix>.<any image ext>`, first suffix wins."""
+    for suffix in suffixes:
+        for ext in IMAGE_EXTENSIONS:
+            for candidate in (folder / f"{stem}{suffix}{ext}", folder / f"{stem}{suffix}{ext.upper()}"):
+                if candidate.is_file():
+                    return candidate
+    return None
+
+
+def labelled_folder(folder: Path, label: int, defect_type: str, mask_dir: Path | None = None) -> list[Sample]:
+    """Every image of one folder as samples; masks are looked up in `mask_dir` when given."""
+    samples = []
+    for path in list_images(folder):
+        mask = find_mask(mask_dir, path.stem) if mask_dir is not None else None
+        samples.append(Sample(path, label, defect_type, (mask,) if mask else ()))
+    return samples
+
+
+def to_rgb_array(image: Image.Image) -> np.ndarray:
+    """Any PIL mode (L, I;16, I, F, P, RGBA, CMYK, ...) as an (H, W, 3) uint8 array."""
+    if image.mode.startswith("I") or image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+        if image.mode == "F":
+            top = max(1.0, float(array.max(initial=0)))
+        array = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(array[..., None], 3, axis=2)
+    if image.mode in ("P", "PA", "LA"):
+        image = image.convert("RGBA")
+    return np.asarray(image.convert("RGB"))
+
+
+def read_image(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """Decode `path` and resize to `size` (H, W) with antialiasing; returns (H, W, 3) uint8."""
+    with Image.open(path) as image:
+        if image.format == "JPEG":
+            image.draft("RGB", (size[1], size[0]))  # decode JPEGs at reduced scale when much larger
+        array = to_rgb_array(image)
+    if array.shape[:2] != tuple(size):
+        array = np.asarray(Image.fromarray(array).resize((size[1], size[0]), Image.BILINEAR, reducing_gap=3.0))
+    return array
+
+
+def read_mask(paths: Sequence[Path], size: tuple[int, int]) -> np.ndarray:
+    """OR of the masks at `paths` (any positive value is defect), nearest-resized to `size`: (H, W) uint8."""
+    out = np.zeros(size, dtype=np.uint8)
+    for path in paths:
+        with Image.open(path) as mask:
+            values = np.asarray(mask)
+        binary = (values.max(axis=2) if values.ndim == 3 else values) > 0
+        if binary.shape != tuple(size):
+            binary = np.asarray(Image.fromarray(binary).resize((size[1], size[0]), Image.NEAREST))
+        out |= binary.astype(np.uint8)
+    return out
+
+
+class AnomalyDataset(Dataset):
+    """Decodes samples to uint8 tensors; a decoding failure becomes an `error` entry, raised in the main process."""
+
+    def __init__(self, samples: Sequence[Sample], image_size: tuple[int, int]) -> None:
+        self.samples = list(samples)
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        try:
+            image = read_image(sample.path, self.image_size)
+        except Exception as error:  # corrupt, truncated or unreadable: reported by the main process
+            return {"error": f"cannot read image {sample.path}: {error}"}
+        try:
+            mask = read_mask(sample.masks, self.image_size)
+        except Exception as error:
+            return {"error": f"cannot read mask {', '.join(map(str, sample.masks))}: {error}"}
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "label": torch.tensor(sample.label, dtype=torch.long),
+            "mask": torch.from_numpy(mask)[None],
+            "has_mask": torch.tensor(sample.label == 0 or bool(sample.masks)),
+            "index": torch.tensor(index, dtype=torch.long),
+            "path": str(sample.path),
+            "defect_type": sample.defect_type,
+        }
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    errors = [item["error"] for item in items if "error" in item]
+    return {"error": errors[0]} if errors else default_collate(items)
+
+
+def to_float_batch(batch: dict[str, Any]) -> dict[str, Any]:
+    """The loader carries uint8 (4x less IPC and host-to-device traffic); models get float in [0, 1]."""
+    if "error" in batch:
+        raise DatasetError(batch["error"])
+    if batch["image"].dtype == torch.uint8:
+        batch["image"] = batch["image"].float().div_(255.0)
+        batch["mask"] = batch["mask"].float()
+    return batch
+
+
+def limit_test_samples(samples: list[Sample], limit: int, seed: int) -> list[Sample]:
+    """A seeded subset of `limit` samples that keeps normal and anomalous images in proportion (one each at least)."""
+    if limit >= len(samples):
+        return samples
+    rng = random.Random(seed)
+    groups: dict[int, list[int]] = {}
+    for position, sample in enumerate(samples):
+        groups.setdefault(sample.label, []).append(position)
+    quotas = {label: max(1, round(limit * len(members) / len(samples))) for label, members in groups.items()}
+    while sum(quotas.values()) > limit:  # rounding overshoot: trim the largest group
+        largest = max(quotas, key=lambda label: quotas[label])
+        quotas[largest] -= 1
+    chosen = []
+    for label, members in groups.items():
+        chosen += rng.sample(members, min(quotas[label], len(members)))
+    return [samples[i] for i in sorted(chosen)]
+
+
+class AnomalyDataModule(pl.LightningDataModule):
+    """Base of every dataset family. A subclass only lists files; this class builds splits and loaders.
+
+    Subclasses implement `_train_samples`, `_test_samples` and `categories`, and may override
+    `_calibration_samples` (a dedicated validation folder) and `_predict_samples`.
+    """
+
+    CATEGORIES: tuple[str, ...] = ()
+    EXPECTED_TREE = ""
+
+    def __init__(
+        self,
+        root: str | Path,
+        category: str,
+        image_size: int | tuple[int, int] = (256, 256),
+        train_batch_size: int = 32,
+        eval_batch_size: int = 32,
+        num_workers: int = 4,
+        limit_train: int | None = None,
+        limit_test: int | None = None,
+        calibration_fraction: float = 0.1,
+        seed: int = 0,
+        predict_dir: str | Path | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.root = Path(root).expanduser()
+        self.category = category
+        self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if len(self.image_size) != 2 or min(self.image_size) < 8:
+            raise DatasetError(f"--data.image_size must be [H, W] of at least 8 px, got {image_size}")
+        if not 0.0 <= calibration_fraction < 1.0:
+            raise DatasetError(f"--data.calibration_fraction must be in [0, 1), got {calibration_fraction}")
+        for flag, value in (("limit_train", limit_train), ("limit_test", limit_test)):
+            if value is not None and value < 1:
+                raise DatasetError(f"--data.{flag} must be a positive number of images, got {value}")
+        self.train_batch_size = train_batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = min(num_workers, os.cpu_count() or 1)
+        self.limit_train = limit_train
+        self.limit_test = limit_test
+        self.calibration_fraction = calibration_fraction
+        self.seed = seed
+        self.predict_dir = Path(predict_dir) if predict_dir else None
+        self.splits: dict[str, list[Sample]] = {}
+
+    # ---- what a family provides -------------------------------------------------------------
+    @classmethod
+    def categories(cls, root: str | Path) -> list[str]:
+        """Categories of this family under `root`: the fixed list, restricted to those on disk when root exists."""
+        root = Path(root)
+        if not root.is_dir():
+            raise DatasetError(cls._missing_root_message(root))
+        present = [c for c in cls.CATEGORIES if (root / c).is_dir()]
+        if not present:
+            raise DatasetError(
+                f"no {cls.__name__} category found under {root} (expected some of {', '.join(cls.CATEGORIES)})."
+                f"\nExpected tree:\n{cls.EXPECTED_TREE}"
+            )
+        return present
+
+    def _train_samples(self) -> list[Sample]:
+        raise NotImplementedError
+
+    def _test_samples(self) -> list[Sample]:
+        raise NotImplementedError
+
+    def _calibration_samples(self) -> list[Sample] | None:
+        """A family's own held-out normals, or None to hold out `calibration_fraction` of train."""
+        return None
+
+    def _predict_samples(self) -> list[Sample]:
+        return self._test_samples()
+
+    # ---- shared machinery -------------------------------------------------------------------
+    @property
+    def category_root(self) -> Path:
+        return self.root / self.category
+
+    @classmethod
+    def _missing_root_message(cls, root: Path) -> str:
+        return f"{cls.__name__} root {root} does not exist or is not a folder.\nExpected tree:\n{cls.EXPECTED_TREE}"
+
+    def _check_category(self) -> None:
+        if not self.root.is_dir():
+            raise DatasetError(self._missing_root_message(self.root))
+        valid = self.categories(self.root)
+        if self.category not in valid:
+            raise DatasetError(
+                f"unknown {type(self).__name__} category {self.category!r} under {self.root}; valid: {', '.join(valid)}"
+            )
+
+    def _split_calibration(self, train: list[Sample]) -> tuple[list[Sample], list[Sample]]:
+        own = self._calibration_samples()
+        if own:
+            return train, own
+        if self.calibration_fraction == 0 or len(train) < 2:
+            return train, []
+        n_calibration = max(1, round(self.calibration_fraction * len(train)))
+        held_out = set(random.Random(self.seed).sample(range(len(train)), n_calibration))
+        return (
+            [s for i, s in enumerate(train) if i not in held_out],
+            [s for i, s in enumerate(train) if i in held_out],
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        self._check_category()
+        train = self._train_samples()
+        if not train:
+            raise DatasetError(f"empty train split: no images found in {self._train_folder()}")
+        train, calibration = self._split_calibration(train)
+        if self.limit_train is not None and self.limit_train < len(train):
+            keep = sorted(random.Random(self.seed + 1).sample(range(len(train)), self.limit_train))
+            train = [train[i] for i in keep]
+        test = self._test_samples()
+        if self.limit_test is not None:
+            test = limit_test_samples(test, self.limit_test, self.seed)
+        if self.predict_dir is not None:
+            predict = [
+                Sample(p, -1, "unknown")
+                for p in sorted(self.predict_dir.rglob("*"))
+                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+            ]
+        else:
+            predict = self._predict_samples()
+        self.splits = {"train": train, "calibration": calibration, "test": test, "predict": predict}
+
+    def _train_folder(self) -> Path:
+        return self.category_root / "train" / "good"
+
+    def samples(self, split: str) -> list[Sample]:
+        if split not in SPLITS:
+            raise DatasetError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+        self.setup()
+        return self.splits[split]
+
+    def dataloader(self, split: str) -> DataLoader:
+        batch_size = self.train_batch_size if split == "train" else self.eval_batch_size
+        return DataLoader(
+            AnomalyDataset(self.samples(split), self.image_size),
+            batch_size=batch_size,
+            shuffle=False,  # memory-bank detectors need no shuffling, and fixed order keeps runs reproducible
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.dataloader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self.dataloader("calibration")  # validation during fit = scoring held-out normals
+
+    def test_dataloader(self) -> DataLoader:
+        return self.dataloader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.dataloader("predict")
+
+    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        if "error" in batch:  # raised here, in the main process, not as a worker's stack trace
+            raise DatasetError(batch["error"])
+        return batch
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        return to_float_batch(batch)

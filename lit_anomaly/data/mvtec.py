@@ -1,0 +1,117 @@
+"""MVTec AD, MVTec AD 2 and MVTec LOCO AD, read exactly as distributed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import AnomalyDataModule, DatasetError, Sample, labelled_folder, list_images
+
+
+def _test_folders(test_root: Path, mask_root: Path) -> list[Sample]:
+    """`test/good` as normals, every other folder under `test/` as a defect type with masks in `mask_root`."""
+    samples = labelled_folder(test_root / "good", 0, "good")
+    for folder in sorted(p for p in test_root.iterdir() if p.is_dir() and p.name != "good"):
+        samples += labelled_folder(folder, 1, folder.name, mask_root / folder.name)
+    return samples
+
+
+class MVTecAD(AnomalyDataModule):
+    CATEGORIES = (
+        "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
+        "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
+    )  # fmt: skip
+    EXPECTED_TREE = """<root>/<category>/train/good/000.png
+<root>/<category>/test/good/000.png
+<root>/<category>/test/<defect>/000.png
+<root>/<category>/ground_truth/<defect>/000_mask.png"""
+
+    def _train_samples(self) -> list[Sample]:
+        return labelled_folder(self._train_folder(), 0, "good")
+
+    def _test_samples(self) -> list[Sample]:
+        test_root = self.category_root / "test"
+        if not test_root.is_dir():
+            raise DatasetError(f"missing test folder {test_root}.\nExpected tree:\n{self.EXPECTED_TREE}")
+        return _test_folders(test_root, self.category_root / "ground_truth")
+
+
+def _discover(cls: type[AnomalyDataModule], root: Path) -> list[str]:
+    if not root.is_dir():
+        raise DatasetError(cls._missing_root_message(root))
+    found = sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
+    if not found:
+        raise DatasetError(f"no {cls.__name__} category found under {root}.\nExpected tree:\n{cls.EXPECTED_TREE}")
+    return found
+
+
+class MVTecAD2(AnomalyDataModule):
+    """`validation/good` is the calibration split; private splits are unlabelled and only predicted."""
+
+    CATEGORIES = ("can", "fabric", "fruit_jelly", "rice", "sheet_metal", "vial", "wallplugs", "walnuts")
+    PREDICT_SPLITS = ("test_public", "test_private", "test_private_mixed")
+    EXPECTED_TREE = """<root>/<category>/train/good/000_regular.png
+<root>/<category>/validation/good/000_regular.png
+<root>/<category>/test_public/good/000_regular.png
+<root>/<category>/test_public/bad/000_regular.png
+<root>/<category>/test_public/ground_truth/bad/000_regular_mask.png
+<root>/<category>/test_private/000.png
+<root>/<category>/test_private_mixed/000.png"""
+
+    def __init__(self, *args, predict_split: str = "test_public", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if predict_split not in self.PREDICT_SPLITS:
+            raise DatasetError(
+                f"--data.predict_split must be one of {', '.join(self.PREDICT_SPLITS)}, got {predict_split!r}"
+            )
+        self.predict_split = predict_split
+
+    @classmethod
+    def categories(cls, root: str | Path) -> list[str]:
+        return _discover(cls, Path(root))
+
+    def _train_samples(self) -> list[Sample]:
+        return labelled_folder(self._train_folder(), 0, "good")
+
+    def _calibration_samples(self) -> list[Sample] | None:
+        return labelled_folder(self.category_root / "validation" / "good", 0, "good") or None
+
+    def _test_samples(self) -> list[Sample]:
+        public = self.category_root / "test_public"
+        return labelled_folder(public / "good", 0, "good") + labelled_folder(
+            public / "bad", 1, "bad", public / "ground_truth" / "bad"
+        )
+
+    def _predict_samples(self) -> list[Sample]:
+        if self.predict_split == "test_public":
+            return self._test_samples()
+        return [Sample(p, -1, "unknown") for p in list_images(self.category_root / self.predict_split)]
+
+
+class MVTecLOCO(AnomalyDataModule):
+    """Each anomalous image has a folder of masks, one per annotated defect, OR-ed into one mask."""
+
+    CATEGORIES = ("breakfast_box", "juice_bottle", "pushpins", "screw_bag", "splicing_connectors")
+    DEFECT_TYPES = ("logical_anomalies", "structural_anomalies")
+    EXPECTED_TREE = """<root>/<category>/train/good/000.png
+<root>/<category>/validation/good/000.png
+<root>/<category>/test/{good,logical_anomalies,structural_anomalies}/000.png
+<root>/<category>/ground_truth/{logical_anomalies,structural_anomalies}/000/000.png
+<root>/<category>/defects_config.json"""
+
+    def _train_samples(self) -> list[Sample]:
+        return labelled_folder(self._train_folder(), 0, "good")
+
+    def _calibration_samples(self) -> list[Sample] | None:
+        return labelled_folder(self.category_root / "validation" / "good", 0, "good") or None
+
+    def _test_samples(self) -> list[Sample]:
+        test_root = self.category_root / "test"
+        samples = labelled_folder(test_root / "good", 0, "good")
+        for defect_type in self.DEFECT_TYPES:
+            for path in list_images(test_root / defect_type):
+                masks = tuple(list_images(self.category_root / "ground_truth" / defect_type / path.stem))
+                samples.append(Sample(path, 1, defect_type, masks))
+        return samples
+
+
+__all__ = ["MVTecAD", "MVTecAD2", "MVTecLOCO"]

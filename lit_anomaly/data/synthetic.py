@@ -1,0 +1,289 @@
+"""Small, realistic synthetic datasets written in each family's exact on-disk layout.
+
+Normals are seeded procedural textures (woven stripes, low-frequency shading, sensor noise) that
+vary in phase and illumination from image to image; anomalies add a visible defect (scratch,
+stain, hole, crack) of random shape whose mask is drawn with the same strokes. Tests and the
+offline demo use them; nothing here is a stand-in for real results.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from .mvtec import MVTecAD
+
+DEFECTS = ("scratch", "stain", "hole", "crack")
+FAMILIES = ("MVTecAD", "MVTecAD2", "MVTecLOCO", "BTAD", "VisA", "Folder")
+
+
+def _rng(*keys: object) -> np.random.Generator:
+    digest = hashlib.sha256("/".join(map(str, keys)).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def normal_image(style: str, index: int, size: int) -> Image.Image:
+    """One defect-free texture of `style`; every image of a style shares structure, not pixels."""
+    style_rng, rng = _rng("style", style), _rng("image", style, index)
+    base = style_rng.uniform(60, 200, size=3)
+    tint = style_rng.uniform(20, 50, size=3)
+    period = style_rng.uniform(6, 14)
+    angle = style_rng.uniform(0, np.pi)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    phase = rng.uniform(0, 2 * np.pi, size=2)
+    u = xx * np.cos(angle) + yy * np.sin(angle)
+    v = -xx * np.sin(angle) + yy * np.cos(angle)
+    weave = np.sin(2 * np.pi * u / period + phase[0]) * np.sin(2 * np.pi * v / (period * 1.7) + phase[1])
+    shading = 1.0 + rng.uniform(-0.08, 0.08) + 0.05 * np.sin(xx / size * np.pi + rng.uniform(0, np.pi))
+    pixels = (base + tint * weave[..., None]) * shading[..., None]
+    pixels += rng.normal(0, 4.0, size=pixels.shape)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def add_defect(image: Image.Image, kind: str, rng: np.random.Generator) -> tuple[Image.Image, Image.Image]:
+    """Draw one defect of `kind` onto a copy of `image`; returns (image, 0/255 mask)."""
+    size = image.width
+    image = image.copy()
+    mask = Image.new("L", image.size, 0)
+    draw, mask_draw = ImageDraw.Draw(image), ImageDraw.Draw(mask)
+    centre = rng.uniform(0.25, 0.75, size=2) * size
+    colour = tuple(int(c) for c in rng.choice([rng.integers(0, 50, 3), rng.integers(205, 256, 3)]))
+    if kind in ("scratch", "crack"):
+        points = [tuple(centre)]
+        steps = 2 if kind == "scratch" else 5
+        for _ in range(steps):
+            step = rng.uniform(-0.22, 0.22, size=2) * size
+            points.append(tuple(np.clip(np.array(points[-1]) + step, 2, size - 3)))
+        width = max(2, int(size * (0.025 if kind == "scratch" else 0.018)))
+        draw.line(points, fill=colour, width=width, joint="curve")
+        mask_draw.line(points, fill=255, width=width, joint="curve")
+    else:
+        radius = rng.uniform(0.06, 0.13, size=2) * size
+        box = [tuple(centre - radius), tuple(centre + radius)]
+        if kind == "hole":
+            n = int(rng.integers(5, 9))
+            angles = np.sort(rng.uniform(0, 2 * np.pi, n))
+            radii = rng.uniform(0.6, 1.0, n)[:, None] * radius
+            polygon = [
+                tuple(centre + r * np.array([np.cos(a), np.sin(a)])) for a, r in zip(angles, radii, strict=False)
+            ]
+            draw.polygon(polygon, fill=colour)
+            mask_draw.polygon(polygon, fill=255)
+        else:
+            stain = Image.new("L", image.size, 0)
+            ImageDraw.Draw(stain).ellipse(box, fill=255)
+            stain = stain.filter(ImageFilter.GaussianBlur(radius=size * 0.01))
+            alpha = np.asarray(stain, dtype=np.float32)[..., None] / 255.0 * 0.85
+            blended = np.asarray(image, dtype=np.float32) * (1 - alpha) + np.array(colour) * alpha
+            image = Image.fromarray(blended.astype(np.uint8))
+            mask = Image.fromarray(((alpha[..., 0] > 0.3) * 255).astype(np.uint8))
+    return image, mask
+
+
+def _save(image: Image.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+class _Writer:
+    """Generates the images of one category; family functions decide where they go."""
+
+    def __init__(self, category: str, size: int) -> None:
+        self.category, self.size, self.count = category, size, 0
+
+    def normal(self) -> Image.Image:
+        self.count += 1
+        return normal_image(self.category, self.count, self.size)
+
+    def anomalous(self, kind: str | None = None) -> tuple[Image.Image, Image.Image, str]:
+        self.count += 1
+        rng = _rng("defect", self.category, self.count)
+        kind = kind or DEFECTS[int(rng.integers(len(DEFECTS)))]
+        image, mask = add_defect(normal_image(self.category, self.count, self.size), kind, rng)
+        return image, mask, kind
+
+
+def _mvtec(root: Path, w: _Writer, n_train: int, n_good: int, n_bad: int) -> None:
+    cat = root / w.category
+    for i in range(n_train):
+        _save(w.normal(), cat / "train" / "good" / f"{i:03d}.png")
+    for i in range(n_good):
+        _save(w.normal(), cat / "test" / "good" / f"{i:03d}.png")
+    counters: dict[str, int] = {}
+    for i in range(n_bad):
+        image, mask, kind = w.anomalous(DEFECTS[i % 2])
+        k = counters[kind] = counters.get(kind, -1) + 1
+        _save(image, cat / "test" / kind / f"{k:03d}.png")
+        _save(mask, cat / "ground_truth" / kind / f"{k:03d}_mask.png")
+
+
+def _mvtec_ad2(root: Path, w: _Writer, n_train: int, n_good: int, n_bad: int) -> None:
+    cat = root / w.category
+    for i in range(n_train):
+        _save(w.normal(), cat / "train" / "good" / f"{i:03d}_regular.png")
+    for i in range(max(2, n_train // 5)):
+        _save(w.normal(), cat / "validation" / "good" / f"{i:03d}_regular.png")
+    for i in range(n_good):
+        _save(w.normal(), cat / "test_public" / "good" / f"{i:03d}_regular.png")
+    for i in range(n_bad):
+        image, mask, _ = w.anomalous()
+        lighting = ("regular", "overexposed", "shift_1")[i % 3]
+        _save(image, cat / "test_public" / "bad" / f"{i:03d}_{lighting}.png")
+        _save(mask, cat / "test_public" / "ground_truth" / "bad" / f"{i:03d}_{lighting}_mask.png")
+    for split in ("test_private", "test_private_mixed"):
+        for i in range(3):
+            _save(w.anomalous()[0] if i % 2 else w.normal(), cat / split / f"{i:03d}_regular.png")
+
+
+def _mvtec_loco(root: Path, w: _Writer, n_train: int, n_good: int, n_bad: int) -> None:
+    cat = root / w.category
+    for i in range(n_train):
+        _save(w.normal(), cat / "train" / "good" / f"{i:03d}.png")
+    for i in range(max(2, n_train // 5)):
+        _save(w.normal(), cat / "validation" / "good" / f"{i:03d}.png")
+    for i in range(n_good):
+        _save(w.normal(), cat / "test" / "good" / f"{i:03d}.png")
+    config = [
+        {
+            "defect_name": "missing_part",
+            "pixel_value": 255,
+            "saturation_threshold": 1.0,
+            "relative_saturation": True,
+        },
+        {
+            "defect_name": "extra_part",
+            "pixel_value": 200,
+            "saturation_threshold": 400,
+            "relative_saturation": False,
+        },
+    ]
+    for i in range(n_bad):
+        defect_type = ("logical_anomalies", "structural_anomalies")[i % 2]
+        image, first, _ = w.anomalous()
+        image, second = add_defect(image, "stain", _rng("loco", w.category, i))
+        stem = f"{i // 2:03d}"
+        _save(image, cat / "test" / defect_type / f"{stem}.png")
+        for j, (mask, entry) in enumerate(zip((first, second), config, strict=False)):
+            values = (np.asarray(mask) > 0).astype(np.uint8) * entry["pixel_value"]
+            _save(Image.fromarray(values), cat / "ground_truth" / defect_type / stem / f"{j:03d}.png")
+    (cat / "defects_config.json").write_text(json.dumps(config, indent=2))
+
+
+def _btad(root: Path, w: _Writer, n_train: int, n_good: int, n_bad: int) -> None:
+    cat = root / "BTech_Dataset_transformed" / w.category
+    ext = ".bmp" if w.category == "01" else ".png"
+    for i in range(n_train):
+        _save(w.normal(), cat / "train" / "ok" / f"{i:04d}{ext}")
+    for i in range(n_good):
+        _save(w.normal(), cat / "test" / "ok" / f"{i:04d}{ext}")
+    for i in range(n_bad):
+        image, mask, _ = w.anomalous()
+        _save(image, cat / "test" / "ko" / f"{i:04d}{ext}")
+        _save(mask, cat / "ground_truth" / "ko" / f"{i:04d}.png")
+
+
+def _visa(root: Path, w: _Writer, n_train: int, n_good: int, n_bad: int) -> None:
+    images = root / w.category / "Data" / "Images"
+    rows = []
+    (images / "Normal").mkdir(parents=True, exist_ok=True)
+    for i in range(n_train + n_good):
+        relative = f"{w.category}/Data/Images/Normal/{i:04d}.JPG"
+        w.normal().save(root / relative, format="JPEG", quality=95)
+        rows.append([w.category, "train" if i < n_train else "test", "normal", relative, ""])
+    (images / "Anomaly").mkdir(parents=True, exist_ok=True)
+    (root / w.category / "Data" / "Masks" / "Anomaly").mkdir(parents=True, exist_ok=True)
+    for i in range(n_bad):
+        image, mask, _ = w.anomalous()
+        relative = f"{w.category}/Data/Images/Anomaly/{i:03d}.JPG"
+        mask_relative = f"{w.category}/Data/Masks/Anomaly/{i:03d}.png"
+        image.save(root / relative, format="JPEG", quality=95)
+        Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * (1 + i % 3)).save(root / mask_relative)
+        rows.append([w.category, "test", "anomaly", relative, mask_relative])
+    split_csv = root / "split_csv" / "1cls.csv"
+    split_csv.parent.mkdir(parents=True, exist_ok=True)
+    existing = split_csv.read_text().splitlines()[1:] if split_csv.exists() else []
+    with split_csv.open("w", newline="") as handle:
+        handle.write("object,split,label,image,mask\n" + "".join(line + "\n" for line in existing))
+        csv.writer(handle, lineterminator="\n").writerows(rows)
+
+
+def _folder(root: Path, w: _Writer, n_train: int, n_good: int, n_bad: int) -> None:
+    for i in range(n_train):
+        _save(w.normal(), root / "train" / "good" / f"{i:03d}.png")
+    for i in range(n_good):
+        _save(w.normal(), root / "test" / "good" / f"{i:03d}.png")
+    for i in range(n_bad):
+        image, mask, kind = w.anomalous(DEFECTS[i % 2])
+        _save(image, root / "test" / kind / f"{i:03d}.jpg")
+        _save(mask, root / "ground_truth" / kind / f"{i:03d}_mask.png")
+
+
+_WRITERS: dict[str, Callable[[Path, _Writer, int, int, int], None]] = {
+    "MVTecAD": _mvtec, "MVTecAD2": _mvtec_ad2, "MVTecLOCO": _mvtec_loco,
+    "BTAD": _btad, "VisA": _visa, "Folder": _folder,
+}  # fmt: skip
+
+
+def write_synthetic(
+    root: str | Path,
+    family: str = "MVTecAD",
+    categories: Sequence[str] = ("bottle",),
+    n_train: int = 20,
+    n_test_good: int = 6,
+    n_test_bad: int = 6,
+    image_size: int = 128,
+) -> Path:
+    """Write a synthetic dataset of `family` under `root` (Folder takes exactly one category) and return root."""
+    if family not in _WRITERS:
+        raise ValueError(f"unknown family {family!r}; valid: {', '.join(FAMILIES)}")
+    root = Path(root)
+    for category in categories:
+        _WRITERS[family](root, _Writer(category, image_size), n_train, n_test_good, n_test_bad)
+    return root
+
+
+class SyntheticMVTecAD(MVTecAD):
+    """MVTec AD layout generated into `root` on first use: the offline demo's dataset."""
+
+    DEMO_CATEGORIES = ("carpet", "tile")
+    DEFAULT_ROOT = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lit-anomaly" / "demo"
+
+    def __init__(self, root: str | Path = DEFAULT_ROOT, category: str = "carpet", **kwargs) -> None:
+        super().__init__(root, category, **kwargs)
+
+    @classmethod
+    def categories(cls, root: str | Path = DEFAULT_ROOT) -> list[str]:
+        ensure_demo_dataset(Path(root).expanduser())
+        return super().categories(Path(root).expanduser())
+
+    def prepare_data(self) -> None:
+        ensure_demo_dataset(self.root)
+
+    def setup(self, stage: str | None = None) -> None:
+        ensure_demo_dataset(self.root)
+        super().setup(stage)
+
+
+def ensure_demo_dataset(root: Path) -> Path:
+    """Generate the demo dataset once; concurrent callers (DDP ranks) never see a half-written tree."""
+    marker = root / ".complete"
+    if marker.exists():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=root.parent))
+    write_synthetic(staging, "MVTecAD", SyntheticMVTecAD.DEMO_CATEGORIES, 66, 24, 24, image_size=256)
+    (staging / ".complete").touch()
+    try:
+        staging.rename(root)
+    except OSError:  # someone else finished first
+        shutil.rmtree(staging, ignore_errors=True)
+    return root

@@ -1,0 +1,62 @@
+"""Image- and pixel-level metrics on raw scores.
+
+torchmetrics treats scores outside [0, 1] as logits and applies a sigmoid, which saturates raw
+anomaly scores into ties (sigmoid(40) == 1.0 in float64) and silently corrupts AUROC. Ranking is
+what AUROC and AP measure, so scores are first mapped to their dense rank in [0, 1]: strictly
+monotonic, ties kept, nothing saturates.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics.functional.classification import (
+    binary_auroc,
+    binary_average_precision,
+    binary_f1_score,
+    binary_precision,
+    binary_recall,
+    binary_specificity,
+)
+
+IMAGE_KEYS = ("image_auroc", "image_ap", "image_f1", "image_precision", "image_recall", "image_specificity")
+PIXEL_KEYS = ("pixel_auroc", "pixel_aupro")
+
+
+def rank_scores(scores: Tensor) -> Tensor:
+    """Dense ranks of `scores` scaled to [0, 1] (float64): same order and ties, no sigmoid applied downstream."""
+    unique, inverse = torch.unique(scores.flatten(), return_inverse=True)
+    return inverse.double() / max(1, len(unique) - 1)
+
+
+def image_metrics(scores: Tensor, labels: Tensor, threshold: float | None) -> tuple[dict, dict]:
+    """Metrics over images labelled 0/1 (label -1 ignored); returns (metrics, notes for the ones that are None)."""
+    known = labels >= 0
+    scores, labels = scores[known].double().cpu(), labels[known].long().cpu()
+    metrics: dict[str, float | None] = dict.fromkeys(IMAGE_KEYS)
+    notes: dict[str, str] = {}
+    if len(labels) == 0:
+        return metrics, dict.fromkeys(IMAGE_KEYS, "no labelled test images")
+    if labels.min() == labels.max():
+        reason = "test set has only one class"
+        notes.update(image_auroc=reason, image_ap=reason)
+    else:
+        ranked = rank_scores(scores)
+        metrics["image_auroc"] = float(binary_auroc(ranked, labels))
+        metrics["image_ap"] = float(binary_average_precision(ranked, labels))
+    if threshold is None or threshold != threshold:
+        reason = "no calibrated threshold (no calibration normals)"
+        notes.update({k: reason for k in IMAGE_KEYS[2:]})
+        return metrics, notes
+    predictions = (scores >= threshold).long()
+    for key, fn in (
+        ("image_f1", binary_f1_score), ("image_precision", binary_precision),
+        ("image_recall", binary_recall), ("image_specificity", binary_specificity),
+    ):  # fmt: skip
+        metrics[key] = float(fn(predictions, labels))
+    return metrics, notes
+
+
+def pixel_auroc(maps: Tensor, masks: Tensor) -> float:
+    """Pixel AUROC over all pixels of all given images (maps and masks of one shape)."""
+    return float(binary_auroc(rank_scores(maps), masks.flatten().long()))

