@@ -57,8 +57,8 @@ class MVTecAD2(AnomalyDataModule):
 <root>/<category>/test_private/000.png
 <root>/<category>/test_private_mixed/000.png"""
 
-    def __init__(self, *args, predict_split: str = "test_public", **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, root: str | Path, category: str, predict_split: str = "test_public", **kwargs) -> None:
+        super().__init__(root, category, **kwargs)
         if predict_split not in self.PREDICT_SPLITS:
             raise DatasetError(
                 f"--data.predict_split must be one of {', '.join(self.PREDICT_SPLITS)}, got {predict_split!r}"

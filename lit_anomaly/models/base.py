@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import pytorch_lightning as pl
@@ -79,6 +80,7 @@ class AnomalyModule(pl.LightningModule):
         self.test_metrics: dict[str, float | None] = {}
         self.test_notes: dict[str, str] = {}
         self.calibration_scores = torch.empty(0)
+        self.timing: dict[str, float] = {}
 
     # ---- what a detector provides -----------------------------------------------------------
     def learn(self, batch: dict[str, Any]) -> None:
@@ -147,6 +149,7 @@ class AnomalyModule(pl.LightningModule):
         self._calibration: list[tuple[Tensor, Tensor]] = []
         if not self.trainer.sanity_checking:
             self._finish_fit_once()  # validation runs before on_train_epoch_end
+            self._calibration_started = time.perf_counter()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if not self.trainer.sanity_checking:
@@ -160,6 +163,7 @@ class AnomalyModule(pl.LightningModule):
         self.calibration_scores = scores.detach().cpu()
         self.threshold.fill_(quantile_threshold(scores, self.quantile))
         self.threshold_count.fill_(len(scores))
+        self.timing["calibrate_s"] = time.perf_counter() - self._calibration_started
         self.log("threshold", float(self.threshold), sync_dist=True)
 
     def on_train_epoch_end(self) -> None:

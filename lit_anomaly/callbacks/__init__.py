@@ -1,0 +1,3 @@
+from .tensorboard import TensorBoardArtifacts
+
+__all__ = ["TensorBoardArtifacts"]

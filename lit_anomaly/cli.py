@@ -1,0 +1,114 @@
+"""`lit-anomaly`: LightningCLI with fit, validate, test, predict and fit+test (the benchmark loop)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+from jsonargparse import ArgumentError
+from pytorch_lightning.cli import LightningCLI
+
+from .data import DATAMODULES, AnomalyDataModule
+from .models import MODELS, AnomalyModule
+from .models.components import WeightsError
+from .pipelines.benchmark import TRAINER_DEFAULTS, QUIET, RunConfig, process_rank, run_benchmark
+from .reporting import RunError
+
+FIT_TEST = "fit+test"
+
+
+class AnomalyTrainer(pl.Trainer):
+    """A Trainer that remembers its arguments, so the benchmark loop can build a fresh one per category."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.init_kwargs = kwargs
+        self.config_yaml: str | None = None
+        self.benchmark_report: dict[str, Any] | None = None
+        super().__init__(**kwargs)
+
+    def fit_test(self, model: AnomalyModule, datamodule: AnomalyDataModule, run: RunConfig | None = None) -> dict:
+        """Fit on train normals, calibrate the threshold on held-out normals and test, for one category or all."""
+        self.benchmark_report = run_benchmark(
+            model=model, data=datamodule, trainer=self.init_kwargs, run=run or RunConfig(), config_yaml=self.config_yaml
+        )
+        return self.benchmark_report
+
+
+setattr(AnomalyTrainer, FIT_TEST, AnomalyTrainer.fit_test)
+
+
+class LitAnomalyCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), FIT_TEST: {"model", "datamodule"}}
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == FIT_TEST:
+            self._config_yaml = self.parser.dump(self.config, skip_none=False)
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.config_yaml = getattr(self, "_config_yaml", None)
+        return trainer
+
+
+def _check_class_names(args: Sequence[str]) -> None:
+    """Unknown --model/--data names get one line listing the valid ones (before jsonargparse's long usage)."""
+    for flag, registry in (("--model", MODELS), ("--data", DATAMODULES)):
+        for i, arg in enumerate(args):
+            value = args[i + 1] if arg == flag and i + 1 < len(args) else arg.partition("=")[2]
+            if (arg == flag or arg.startswith(flag + "=")) and value and not value.startswith(("{", "-")):
+                if "." not in value and value not in registry:
+                    raise ValueError(f"unknown {flag} {value!r}; valid: {', '.join(registry)}")
+
+
+def _cli(args: Sequence[str] | None) -> LitAnomalyCLI:
+    return LitAnomalyCLI(
+        AnomalyModule,
+        AnomalyDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        trainer_class=AnomalyTrainer,
+        trainer_defaults={k: v for k, v in TRAINER_DEFAULTS.items() if k != "enable_checkpointing"},
+        save_config_callback=None,
+        auto_configure_optimizers=False,
+        parser_kwargs={"exit_on_error": False, "description": "lit-anomaly: unsupervised visual anomaly detection"},
+        args=args,
+    )
+
+
+def main(args: Sequence[str] | None = None) -> int:
+    """Entry point; stdout carries exactly one JSON document (fit+test), everything else goes to stderr."""
+    import warnings
+
+    from_argv = args is None
+    args = list(sys.argv[1:] if args is None else args)
+    json_stream = sys.stdout
+    printing_config = any(a.startswith("--print_config") for a in args) or "-h" in args or "--help" in args
+    if not printing_config:
+        sys.stdout = sys.stderr  # Lightning's tables and progress bars must not corrupt the JSON on stdout
+    try:
+        for pattern in QUIET:
+            warnings.filterwarnings("ignore", message=pattern)
+        _check_class_names(args)
+        cli = _cli(None if from_argv else args)
+    except (ArgumentError, ValueError, WeightsError, RunError, FileNotFoundError) as error:
+        message = str(error).strip().replace("\n  ", " ")
+        print(f"lit-anomaly: error: {message}", file=sys.stderr)
+        return 2
+    finally:
+        sys.stdout = json_stream
+    report = cli.trainer.benchmark_report if isinstance(cli.trainer, AnomalyTrainer) else None
+    if report is None:
+        return 0
+    if process_rank() == 0:
+        json_stream.write(json.dumps(report, default=str) + "\n")
+        json_stream.flush()
+    return 1 if any(r["status"] != "ok" for r in report["per_category"].values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""The category loop, once: fit, calibrate and test a fresh detector per category; write the run folder."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import inspect
+import os
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import yaml
+from pytorch_lightning.loggers import TensorBoardLogger
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..callbacks import TensorBoardArtifacts
+from ..data import DATAMODULES, AnomalyDataModule, DatasetError, Folder
+from ..metrics import image_metrics
+from ..models import MODELS, AnomalyModule
+from ..reporting import RunError, RunFolder, build_report, environment
+
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "accelerator": "auto",
+    "devices": 1,
+    "max_epochs": 1,
+    "num_sanity_val_steps": 0,
+    "enable_checkpointing": False,
+    "enable_model_summary": False,
+    "enable_progress_bar": False,
+}
+QUIET = (  # Lightning advice that does not apply to one-pass, optimiser-free detectors
+    r".*does not have many workers.*",
+    r".*configure_optimizers.*",
+    r".*sync_dist.*",
+    r".*The number of training batches.*",
+    r".*Total length of .* across ranks is zero.*",
+)
+
+
+@dataclass
+class RunConfig:
+    """Where results go. output_dir: exactly this folder (default runs/<time>_<dataset>_<model>);
+    save: write the run folder; per_image_jsonl: write per-image records; output: copy of the top-level
+    report at this path; resume: re-use this run folder and skip categories finished there."""
+
+    output_dir: str | None = None
+    save: bool = True
+    per_image_jsonl: bool = True
+    output: str | None = None
+    resume: str | None = None
+    parent_dir: str = "runs"
+
+
+@dataclass
+class Spec:
+    """A class and its init arguments: every category gets a fresh instance built from it."""
+
+    cls: type
+    init_args: dict[str, Any]
+    instance: Any = None
+
+    @property
+    def name(self) -> str:
+        return self.cls.__name__
+
+    def build(self, **overrides: Any) -> Any:
+        if self.instance is not None and not overrides:
+            instance, self.instance = self.instance, None  # the given object serves the first category
+            return instance
+        return self.cls(**{**self.init_args, **overrides})
+
+    def as_config(self) -> dict[str, Any]:
+        return {"class_path": f"{self.cls.__module__}.{self.cls.__qualname__}", "init_args": self.init_args}
+
+
+def _resolve_class(name: str, registry: Mapping[str, type], base: type, flag: str) -> type:
+    if name in registry:
+        return registry[name]
+    if "." in name:
+        module, _, attribute = name.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), attribute)
+        except (ImportError, AttributeError):
+            cls = None
+        if isinstance(cls, type) and issubclass(cls, base):
+            return cls
+    raise ValueError(f"unknown {flag} {name!r}; valid: {', '.join(registry)}")
+
+
+def as_spec(value: Any, registry: Mapping[str, type], base: type, flag: str) -> Spec:
+    """A Spec from a name, a class, a LightningCLI-style {class_path, init_args} dict, or an instance."""
+    if isinstance(value, base):
+        init_args = {k: v for k, v in value.hparams.items() if not k.startswith("_")}  # LightningCLI's _class_path
+        return Spec(type(value), init_args, value)
+    if isinstance(value, type) and issubclass(value, base):
+        return Spec(value, {})
+    if isinstance(value, str):
+        return Spec(_resolve_class(value, registry, base, flag), {})
+    if isinstance(value, Mapping) and "class_path" in value:
+        return Spec(_resolve_class(value["class_path"], registry, base, flag), dict(value.get("init_args") or {}))
+    raise ValueError(f"{flag} must be a name ({', '.join(registry)}), a class, a config dict or an instance")
+
+
+def process_rank() -> int:
+    """Global rank before any process group exists; 0 for plain single-process runs."""
+    for variable in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if variable in os.environ:
+            return int(os.environ[variable])
+    return int(os.environ.get("NODE_RANK", 0)) * 100_000 + int(os.environ.get("LOCAL_RANK", 0))
+
+
+def make_trainer(trainer: Mapping[str, Any] | None, run_dir: Path | None, category: str) -> pl.Trainer:
+    kwargs = {**TRAINER_DEFAULTS, **{k: v for k, v in (trainer or {}).items() if v is not None}}
+    callbacks = list(kwargs.pop("callbacks", None) or [])
+    logger = kwargs.pop("logger", True)
+    if run_dir is not None and logger is True:
+        logger = TensorBoardLogger(save_dir=run_dir / "tensorboard", name=category, version="", default_hp_metric=False)
+        callbacks.append(TensorBoardArtifacts())
+    elif logger is True:
+        logger = False
+    kwargs.setdefault("default_root_dir", run_dir or None)
+    return pl.Trainer(logger=logger, callbacks=callbacks, **kwargs)
+
+
+def _per_image_records(datamodule: AnomalyDataModule, module: AnomalyModule, category: str) -> list[dict[str, Any]]:
+    samples = datamodule.samples("test")
+    results, threshold = module.test_results, float(module.threshold)
+    predictions = results["pred"].tolist() if results["pred"] is not None else [None] * len(results["index"])
+    return [
+        {
+            "index": index,
+            "path": str(samples[index].path),
+            "category": category,
+            "defect_type": samples[index].defect_type,
+            "label": label,
+            "score": score,
+            "threshold": threshold if threshold == threshold else None,
+            "pred": pred,
+        }  # fmt: skip
+        for index, label, score, pred in zip(
+            results["index"].tolist(), results["label"].tolist(), results["score"].tolist(), predictions, strict=True
+        )
+    ]
+
+
+def _by_defect_type(records: list[dict[str, Any]], threshold: float | None) -> dict[str, dict]:
+    """Image metrics of each defect type against the good images (MVTec LOCO reports logical/structural so)."""
+    types = sorted({r["defect_type"] for r in records if r["label"] == 1})
+    out = {}
+    for defect_type in types if len(types) > 1 else ():
+        subset = [r for r in records if r["label"] == 0 or r["defect_type"] == defect_type]
+        scores = torch.tensor([r["score"] for r in subset], dtype=torch.float64)
+        labels = torch.tensor([r["label"] for r in subset])
+        out[defect_type] = image_metrics(scores, labels, threshold)[0]
+    return out
+
+
+def run_benchmark_category(
+    model: Any,
+    data: Any,
+    category: str,
+    trainer: Mapping[str, Any] | None = None,
+    run_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Fit, calibrate and test one category; returns its report dict with the per-image records under `records`."""
+    model_spec = model if isinstance(model, Spec) else as_spec(model, MODELS, AnomalyModule, "--model")
+    data_spec = data if isinstance(data, Spec) else as_spec(data, DATAMODULES, AnomalyDataModule, "--data")
+    run_dir = Path(run_dir) if run_dir is not None else None
+    datamodule = data_spec.build(category=category)
+    datamodule.setup()
+    detector = model_spec.build()
+    lightning = make_trainer(trainer, run_dir, category)
+    started = time.perf_counter()
+    lightning.fit(detector, datamodule=datamodule)
+    fitted = time.perf_counter()
+    lightning.test(detector, datamodule=datamodule, verbose=False)
+    tested = time.perf_counter()
+    calibrate_s = detector.timing.get("calibrate_s", 0.0)
+    threshold = float(detector.threshold)
+    records = _per_image_records(datamodule, detector, category)
+    test = datamodule.samples("test")
+    return {
+        "category": category,
+        "status": "ok",
+        "error": None,
+        "threshold": threshold if threshold == threshold else None,
+        "threshold_provenance": detector.threshold_provenance,
+        "metrics": detector.test_metrics,
+        "notes": detector.test_notes,
+        "metrics_by_defect_type": _by_defect_type(records, threshold if threshold == threshold else None),
+        "counts": {
+            "train": len(datamodule.samples("train")),
+            "calibration": len(datamodule.samples("calibration")),
+            "test": len(test),
+            "test_anomalous": sum(s.label == 1 for s in test),
+        },
+        "timing": {"fit_s": fitted - started - calibrate_s, "calibrate_s": calibrate_s, "test_s": tested - fitted},
+        "records": records,
+    }
+
+
+def _failed(category: str, error: BaseException) -> dict[str, Any]:
+    return {
+        "category": category, "status": "failed", "error": f"{type(error).__name__}: {error}", "threshold": None,
+        "threshold_provenance": None, "metrics": {}, "notes": {}, "counts": None, "timing": None,
+    }  # fmt: skip
+
+
+def run_benchmark_all(
+    model: Any,
+    data: Any,
+    categories: Sequence[str],
+    trainer: Mapping[str, Any] | None = None,
+    run: RunConfig | Mapping[str, Any] | None = None,
+    config_yaml: str | None = None,
+) -> dict[str, Any]:
+    """Run `categories` in order; a failing category is recorded and the loop goes on.
+
+    Under DDP every rank walks the same categories in step; only global rank 0 writes files.
+    """
+    model_spec = model if isinstance(model, Spec) else as_spec(model, MODELS, AnomalyModule, "--model")
+    data_spec = data if isinstance(data, Spec) else as_spec(data, DATAMODULES, AnomalyDataModule, "--data")
+    run = RunConfig(**run) if isinstance(run, Mapping) else run or RunConfig()
+    is_zero = process_rank() == 0
+    if run.output and not Path(run.output).expanduser().parent.is_dir():
+        raise RunError(f"--run.output {run.output}: folder {Path(run.output).parent} does not exist")
+    if run.resume:
+        folder = RunFolder.resume(run.resume, data_spec.name, model_spec.name, writable=is_zero and run.save)
+    else:
+        folder = RunFolder.create(run.output_dir, run.parent_dir, data_spec.name, model_spec.name, is_zero and run.save)
+    config = {
+        "model": model_spec.as_config(), "data": data_spec.as_config(),
+        "trainer": {k: v for k, v in (trainer or {}).items() if k not in ("callbacks", "logger")}, "run": asdict(run),
+    }  # fmt: skip
+    if config_yaml is None:
+        config_yaml = yaml.safe_dump(_plain(config), sort_keys=False)
+    env = environment(device=str(TRAINER_DEFAULTS["accelerator"] if not trainer else trainer.get("accelerator")))
+    per_category = folder.finished(categories) if run.resume else {}
+
+    def report() -> dict[str, Any]:
+        ordered = {c: per_category[c] for c in categories if c in per_category}
+        run_dir = folder.path if run.save else None
+        return build_report(data_spec.name, model_spec.name, categories, ordered, run_dir, config, env)
+
+    console = Console(stderr=True)
+    with (
+        warnings.catch_warnings(),
+        Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console, disable=not is_zero,
+        ) as progress,
+    ):  # fmt: skip
+        for pattern in QUIET:
+            warnings.filterwarnings("ignore", message=pattern)
+        task = progress.add_task("categories", total=len(categories), completed=len(per_category))
+        for category in categories:
+            if category in per_category:
+                continue
+            remaining = len(categories) - len(per_category)
+            progress.update(task, description=f"{category} ({remaining} remaining)")
+            try:
+                result = run_benchmark_category(
+                    model_spec, data_spec, category, trainer, folder.path if run.save else None
+                )
+                records = result.pop("records")
+            except Exception as error:  # recorded; the other categories still run
+                result, records = _failed(category, error), None
+                console.print(f"[red]category {category} failed:[/red] {result['error']}")
+            per_category[category] = result
+            folder.write_category(result, records if run.per_image_jsonl else None)
+            folder.write_report(report(), config_yaml, None)  # what finished is on disk even if the run dies
+            progress.advance(task)
+    final = report()
+    folder.write_report(final, config_yaml, run.output)
+    return final
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def run_benchmark(
+    model: Any = "PatchCore",
+    data: Any = "MVTecAD",
+    category: str | None = None,
+    trainer: Mapping[str, Any] | None = None,
+    run: RunConfig | Mapping[str, Any] | None = None,
+    config_yaml: str | None = None,
+) -> dict[str, Any]:
+    """One benchmark run; returns the dict written to report.json.
+
+    `model` and `data` are names, classes, {class_path, init_args} dicts or instances (each category
+    gets a fresh copy); `category` defaults to the datamodule's own and may be "all".
+    """
+    model_spec = as_spec(model, MODELS, AnomalyModule, "--model")
+    data_spec = as_spec(data, DATAMODULES, AnomalyDataModule, "--data")
+    category = category or data_spec.init_args.get("category") or ("custom" if data_spec.cls is Folder else None)
+    if category is None:
+        raise ValueError("--data.category is required: a category name or 'all'")
+    root = data_spec.init_args.get("root", inspect.signature(data_spec.cls).parameters["root"].default)
+    if root is inspect.Parameter.empty:
+        raise ValueError("--data.root is required")
+    if category == "all":
+        if issubclass(data_spec.cls, Folder):
+            raise DatasetError("--data.category all is not supported by Folder: a folder holds one category")
+        categories = data_spec.cls.categories(root)
+    else:
+        if not issubclass(data_spec.cls, Folder):
+            valid = data_spec.cls.categories(root)
+            if category not in valid:
+                raise DatasetError(f"unknown {data_spec.name} category {category!r}; valid: {', '.join(valid)}")
+        categories = [category]
+    if data_spec.instance is not None:  # a datamodule instance only carries init args; it is rebuilt per category
+        data_spec.instance = None
+    model_spec.instance = copy.deepcopy(model_spec.instance) if model_spec.instance is not None else None
+    return run_benchmark_all(model_spec, data_spec, categories, trainer, run, config_yaml)
