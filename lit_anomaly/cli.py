@@ -14,7 +14,7 @@ from pytorch_lightning.cli import LightningCLI
 from .data import DATAMODULES, AnomalyDataModule
 from .models import MODELS, AnomalyModule
 from .models.components import WeightsError
-from .pipelines.benchmark import TRAINER_DEFAULTS, QUIET, RunConfig, process_rank, run_benchmark
+from .pipelines.benchmark import QUIET, TRAINER_DEFAULTS, RunConfig, process_rank, run_benchmark
 from .reporting import RunError
 
 FIT_TEST = "fit+test"
@@ -59,10 +59,15 @@ def _check_class_names(args: Sequence[str]) -> None:
     """Unknown --model/--data names get one line listing the valid ones (before jsonargparse's long usage)."""
     for flag, registry in (("--model", MODELS), ("--data", DATAMODULES)):
         for i, arg in enumerate(args):
-            value = args[i + 1] if arg == flag and i + 1 < len(args) else arg.partition("=")[2]
-            if (arg == flag or arg.startswith(flag + "=")) and value and not value.startswith(("{", "-")):
-                if "." not in value and value not in registry:
-                    raise ValueError(f"unknown {flag} {value!r}; valid: {', '.join(registry)}")
+            if arg == flag and i + 1 < len(args):
+                value = args[i + 1]
+            elif arg.startswith(flag + "="):
+                value = arg.partition("=")[2]
+            else:
+                continue
+            is_name = value.isidentifier()  # not a dotted class path, a dict or a file
+            if is_name and value not in registry:
+                raise ValueError(f"unknown {flag} {value!r}; valid: {', '.join(registry)}")
 
 
 def _cli(args: Sequence[str] | None) -> LitAnomalyCLI:

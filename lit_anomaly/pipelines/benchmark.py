@@ -143,7 +143,7 @@ def _per_image_records(datamodule: AnomalyDataModule, module: AnomalyModule, cat
             "score": score,
             "threshold": threshold if threshold == threshold else None,
             "pred": pred,
-        }  # fmt: skip
+        }
         for index, label, score, pred in zip(
             results["index"].tolist(), results["label"].tolist(), results["score"].tolist(), predictions, strict=True
         )
