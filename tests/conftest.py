@@ -1,0 +1,37 @@
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_anomaly.data import write_synthetic
+
+os.environ.setdefault("PYTHONWARNINGS", "ignore")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+warnings.filterwarnings("ignore")
+
+FAMILY_CATEGORIES = {
+    "MVTecAD": ["bottle", "carpet"],
+    "MVTecAD2": ["can"],
+    "MVTecLOCO": ["juice_bottle"],
+    "BTAD": ["01", "02"],
+    "VisA": ["candle", "pcb1"],
+    "Folder": ["custom"],
+}
+
+
+@pytest.fixture(scope="session")
+def family_roots(tmp_path_factory) -> dict[str, Path]:
+    """One small tree per family: 10 train, 4 good and 4 defective test images per category, 48 px."""
+    base = tmp_path_factory.mktemp("families")
+    return {
+        family: write_synthetic(base / family, family, categories, 10, 4, 4, image_size=48)
+        for family, categories in FAMILY_CATEGORIES.items()
+    }
+
+
+@pytest.fixture(scope="session")
+def mvtec_root(tmp_path_factory) -> Path:
+    """Two MVTec-layout categories big enough for detectors to learn: 30 train, 12 + 12 test, 128 px."""
+    return write_synthetic(tmp_path_factory.mktemp("mvtec"), "MVTecAD", ["carpet", "tile"], 30, 12, 12, 128)

@@ -1,0 +1,248 @@
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lit_anomaly.data import BTAD, MVTecAD, MVTecAD2, MVTecLOCO, DatasetError, Folder, VisA
+from lit_anomaly.data.base import to_float_batch
+
+CLASSES = {"MVTecAD": MVTecAD, "MVTecAD2": MVTecAD2, "MVTecLOCO": MVTecLOCO, "BTAD": BTAD, "VisA": VisA, "Folder": Folder}
+# family -> (category, train, calibration, test, defect types)
+EXPECTED = {
+    "MVTecAD": ("bottle", 9, 1, 8, {"good", "scratch", "stain"}),
+    "MVTecAD2": ("can", 10, 2, 8, {"good", "bad"}),
+    "MVTecLOCO": ("juice_bottle", 10, 2, 8, {"good", "logical_anomalies", "structural_anomalies"}),
+    "BTAD": ("01", 9, 1, 8, {"good", "ko"}),
+    "VisA": ("candle", 9, 1, 8, {"good", "anomaly"}),
+    "Folder": ("custom", 9, 1, 8, {"good", "scratch", "stain"}),
+}
+
+
+def make(family, root, category=None, **kwargs):
+    kwargs.setdefault("num_workers", 0)
+    kwargs.setdefault("image_size", 32)
+    return CLASSES[family](root, category or EXPECTED[family][0], **kwargs)
+
+
+def batches(dm, split):
+    return [dm.on_after_batch_transfer(dm.on_before_batch_transfer(b, 0), 0) for b in dm.dataloader(split)]
+
+
+def tree_state(root: Path) -> dict:
+    return {str(p): p.stat().st_mtime_ns for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("family", list(EXPECTED))
+def test_family_splits_and_batch_contract(family, family_roots):
+    root = family_roots[family]
+    before = tree_state(root)
+    category, n_train, n_calibration, n_test, defect_types = EXPECTED[family]
+    dm = make(family, root, eval_batch_size=3)
+    dm.setup()
+    assert (len(dm.samples("train")), len(dm.samples("calibration")), len(dm.samples("test"))) == (
+        n_train,
+        n_calibration,
+        n_test,
+    )
+    train_paths = {s.path for s in dm.samples("train")}
+    assert train_paths.isdisjoint(s.path for s in dm.samples("calibration"))
+    test = batches(dm, "test")
+    images = torch.cat([b["image"] for b in test])
+    masks = torch.cat([b["mask"] for b in test])
+    labels = torch.cat([b["label"] for b in test])
+    assert images.shape == (n_test, 3, 32, 32) and images.dtype == torch.float32
+    assert 0.0 <= images.min() and images.max() <= 1.0
+    assert masks.shape == (n_test, 1, 32, 32) and set(masks.unique().tolist()) <= {0.0, 1.0}
+    assert torch.cat([b["index"] for b in test]).tolist() == list(range(n_test))
+    assert labels.tolist().count(0) == 4 and labels.tolist().count(1) == 4
+    assert {t for b in test for t in b["defect_type"]} == defect_types
+    has_mask = torch.cat([b["has_mask"] for b in test])
+    assert has_mask.all()
+    normal_masks, defect_masks = masks[labels == 0], masks[labels == 1]
+    assert normal_masks.sum() == 0
+    assert (defect_masks.flatten(1).sum(1) > 0).all()  # every defect image has a non-empty mask
+    assert all(Path(p).is_file() for b in test for p in b["path"])
+    assert tree_state(root) == before  # nothing written into the dataset
+
+
+def test_categories(family_roots):
+    assert MVTecAD.categories(family_roots["MVTecAD"]) == ["bottle", "carpet"]
+    assert BTAD.categories(family_roots["BTAD"]) == ["01", "02"]
+    assert BTAD.categories(family_roots["BTAD"] / "BTech_Dataset_transformed") == ["01", "02"]
+    assert VisA.categories(family_roots["VisA"]) == ["candle", "pcb1"]
+    assert MVTecAD2.categories(family_roots["MVTecAD2"]) == ["can"]
+    assert MVTecLOCO.categories(family_roots["MVTecLOCO"]) == ["juice_bottle"]
+    assert Folder.categories(family_roots["Folder"]) == ["custom"]
+
+
+def test_btad_both_root_levels_and_extensions(family_roots):
+    nested = family_roots["BTAD"] / "BTech_Dataset_transformed"
+    for root in (family_roots["BTAD"], nested):
+        dm = make("BTAD", root, "01")
+        dm.setup()
+        assert {s.path.suffix for s in dm.samples("test")} == {".bmp"}
+    dm = make("BTAD", nested, "02")
+    dm.setup()
+    assert {s.path.suffix for s in dm.samples("train")} == {".png"}
+
+
+def test_visa_raw_masks_are_binarised(family_roots):
+    dm = make("VisA", family_roots["VisA"])
+    raw = np.asarray(Image.open(dm.samples("test")[-1].masks[0]))
+    assert 0 < raw.max() < 255  # small positive values in the raw tree
+    masks = torch.cat([b["mask"] for b in batches(dm, "test")])
+    assert set(masks.unique().tolist()) == {0.0, 1.0}
+
+
+def test_visa_converted_layout(tmp_path, family_roots):
+    source = family_roots["MVTecAD"] / "bottle"
+    target = tmp_path / "visa" / "candle"
+    shutil.copytree(source / "train", target / "train")
+    (target / "test" / "good").mkdir(parents=True)
+    for p in (source / "test" / "good").iterdir():
+        shutil.copy(p, target / "test" / "good" / p.name)
+    (target / "test" / "bad").mkdir()
+    (target / "ground_truth" / "bad").mkdir(parents=True)
+    for p in (source / "test" / "scratch").iterdir():
+        shutil.copy(p, target / "test" / "bad" / p.name)
+        shutil.copy(source / "ground_truth" / "scratch" / f"{p.stem}_mask.png", target / "ground_truth" / "bad" / p.name)
+    assert VisA.categories(tmp_path / "visa") == ["candle"]
+    dm = make("VisA", tmp_path / "visa")
+    dm.setup()
+    assert [s.label for s in dm.samples("test")] == [0] * 4 + [1] * 2
+    assert all(s.masks for s in dm.samples("test") if s.label == 1)
+
+
+def test_loco_masks_are_ored(family_roots):
+    dm = make("MVTecLOCO", family_roots["MVTecLOCO"], image_size=48)
+    sample = next(s for s in dm.samples("test") if s.label == 1)
+    assert len(sample.masks) == 2
+    separate = [np.asarray(Image.open(p)) > 0 for p in sample.masks]
+    batch = batches(dm, "test")[0]
+    position = [Path(p) for p in batch["path"]].index(sample.path)
+    assert torch.equal(batch["mask"][position, 0].bool(), torch.from_numpy(separate[0] | separate[1]))
+
+
+def test_mvtec_ad2_private_splits_are_unlabelled(family_roots):
+    dm = make("MVTecAD2", family_roots["MVTecAD2"], predict_split="test_private")
+    predict = batches(dm, "predict")
+    labels = torch.cat([b["label"] for b in predict])
+    assert labels.tolist() == [-1, -1, -1]
+    assert not torch.cat([b["has_mask"] for b in predict]).any()
+    with pytest.raises(DatasetError, match="predict_split"):
+        make("MVTecAD2", family_roots["MVTecAD2"], predict_split="validation")
+
+
+def test_calibration_hold_out_is_seeded(family_roots):
+    root = family_roots["MVTecAD"]
+    split = lambda seed: [s.path.name for s in make("MVTecAD", root, seed=seed, calibration_fraction=0.3).samples("calibration")]  # noqa: E731
+    assert split(0) == split(0)
+    assert len(split(0)) == 3
+    assert any(split(0) != split(s) for s in range(1, 5))
+
+
+def test_limits_are_deterministic_and_keep_both_labels(family_roots):
+    root = family_roots["MVTecAD"]
+    first = make("MVTecAD", root, limit_train=4, limit_test=3)
+    second = make("MVTecAD", root, limit_train=4, limit_test=3)
+    assert [s.path for s in first.samples("train")] == [s.path for s in second.samples("train")]
+    assert len(first.samples("train")) == 4
+    test = first.samples("test")
+    assert len(test) == 3 and {s.label for s in test} == {0, 1}
+    assert [s.path for s in test] == [s.path for s in second.samples("test")]
+    assert len(make("MVTecAD", root, limit_test=2).samples("test")) == 2
+
+
+def test_missing_root_shows_expected_tree(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist") as error:
+        make("MVTecAD", tmp_path / "nowhere").setup()
+    assert str(tmp_path / "nowhere") in str(error.value) and "ground_truth/<defect>/000_mask.png" in str(error.value)
+    with pytest.raises(DatasetError, match="no MVTecAD category found"):
+        MVTecAD.categories(tmp_path)  # wrong level: exists but holds no category
+
+
+def test_unknown_category_lists_valid(family_roots):
+    with pytest.raises(DatasetError, match="valid: bottle, carpet"):
+        make("MVTecAD", family_roots["MVTecAD"], "bottel").setup()
+
+
+def test_empty_train_split_names_folder(tmp_path, family_roots):
+    root = tmp_path / "mvtec"
+    shutil.copytree(family_roots["MVTecAD"] / "bottle", root / "bottle")
+    for p in (root / "bottle" / "train" / "good").iterdir():
+        p.unlink()
+    with pytest.raises(DatasetError, match=r"empty train split.*train/good"):
+        make("MVTecAD", root).setup()
+
+
+def test_corrupt_image_is_named_in_main_process(tmp_path, family_roots):
+    root = tmp_path / "mvtec"
+    shutil.copytree(family_roots["MVTecAD"] / "bottle", root / "bottle")
+    broken = root / "bottle" / "test" / "good" / "001.png"
+    broken.write_bytes(broken.read_bytes()[:60])  # truncated PNG
+    dm = make("MVTecAD", root, num_workers=2)
+    with pytest.raises(DatasetError, match=f"cannot read image {broken}") as error:
+        batches(dm, "test")
+    assert "Traceback" not in str(error.value)
+
+
+def test_anomalous_image_without_mask(tmp_path, family_roots):
+    root = tmp_path / "mvtec"
+    shutil.copytree(family_roots["MVTecAD"] / "bottle", root / "bottle")
+    (root / "bottle" / "ground_truth" / "stain" / "000_mask.png").unlink()
+    batch = batches(make("MVTecAD", root, eval_batch_size=8), "test")[0]
+    missing = [i for i, p in enumerate(batch["path"]) if p.endswith("stain/000.png")]
+    assert batch["label"][missing].tolist() == [1]
+    assert not batch["has_mask"][missing].any() and batch["has_mask"].sum() == 7
+
+
+def test_odd_image_modes_and_mask_sizes(tmp_path):
+    root = tmp_path / "odd"
+    rng = np.random.default_rng(0)
+    modes = {
+        "gray.png": Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)),
+        "deep.png": Image.fromarray(rng.integers(0, 65535, (40, 40), dtype=np.uint16)),
+        "palette.png": Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).convert("P"),
+        "alpha.png": Image.fromarray(rng.integers(0, 255, (40, 40, 4), dtype=np.uint8), "RGBA"),
+        "upper.JPG": Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)),
+        "scan.TIFF": Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)),
+    }
+    for folder in ("train/OK", "test/Normal", "test/dent"):
+        (root / folder).mkdir(parents=True)
+        for name, image in modes.items():
+            image.save(root / folder / name)
+    (root / "ground_truth" / "dent").mkdir(parents=True)
+    small = np.zeros((10, 10), dtype=np.uint8)
+    small[:5] = 255  # top half, at a quarter of the image size
+    Image.fromarray(small).save(root / "ground_truth" / "dent" / "gray_mask.png")
+    dm = Folder(root, image_size=20, num_workers=0, calibration_fraction=0, eval_batch_size=20)
+    assert len(dm.samples("train")) == 6
+    batch = batches(dm, "test")[0]
+    assert batch["image"].shape == (12, 3, 20, 20)
+    assert batch["label"].tolist() == [0] * 6 + [1] * 6
+    gray = batch["path"].index(str(root / "test" / "dent" / "gray.png"))
+    assert batch["mask"][gray, 0, :10].min() == 1 and batch["mask"][gray, 0, 10:].max() == 0
+    deep = batch["path"].index(str(root / "test" / "Normal" / "deep.png"))
+    assert 0.35 < batch["image"][deep].mean() < 0.65  # 16-bit range scaled to 8 bits, not clipped to white
+    assert batch["has_mask"].tolist() == [True] * 6 + [i == gray for i in range(6, 12)]
+
+
+def test_folder_rejects_all(family_roots):
+    with pytest.raises(DatasetError, match="not supported by Folder"):
+        Folder(family_roots["Folder"], "all", num_workers=0).setup()
+
+
+def test_bad_arguments(family_roots):
+    with pytest.raises(DatasetError, match="calibration_fraction"):
+        make("MVTecAD", family_roots["MVTecAD"], calibration_fraction=1.5)
+    with pytest.raises(DatasetError, match="limit_test"):
+        make("MVTecAD", family_roots["MVTecAD"], limit_test=0)
+
+
+def test_float_batch_conversion():
+    batch = {"image": torch.full((1, 3, 2, 2), 255, dtype=torch.uint8), "mask": torch.ones(1, 1, 2, 2, dtype=torch.uint8)}
+    out = to_float_batch(batch)
+    assert out["image"].dtype == torch.float32 and out["image"].max() == 1.0 and out["mask"].dtype == torch.float32
