@@ -6,10 +6,17 @@ import pytest
 import torch
 from PIL import Image
 
-from lit_anomaly.data import BTAD, MVTecAD, MVTecAD2, MVTecLOCO, DatasetError, Folder, VisA
+from lit_anomaly.data import BTAD, DatasetError, Folder, MVTecAD, MVTecAD2, MVTecLOCO, VisA
 from lit_anomaly.data.base import to_float_batch
 
-CLASSES = {"MVTecAD": MVTecAD, "MVTecAD2": MVTecAD2, "MVTecLOCO": MVTecLOCO, "BTAD": BTAD, "VisA": VisA, "Folder": Folder}
+CLASSES = {
+    "MVTecAD": MVTecAD,
+    "MVTecAD2": MVTecAD2,
+    "MVTecLOCO": MVTecLOCO,
+    "BTAD": BTAD,
+    "VisA": VisA,
+    "Folder": Folder,
+}
 # family -> (category, train, calibration, test, defect types)
 EXPECTED = {
     "MVTecAD": ("bottle", 9, 1, 8, {"good", "scratch", "stain"}),
@@ -54,7 +61,7 @@ def test_family_splits_and_batch_contract(family, family_roots):
     masks = torch.cat([b["mask"] for b in test])
     labels = torch.cat([b["label"] for b in test])
     assert images.shape == (n_test, 3, 32, 32) and images.dtype == torch.float32
-    assert 0.0 <= images.min() and images.max() <= 1.0
+    assert images.min() >= 0.0 and images.max() <= 1.0
     assert masks.shape == (n_test, 1, 32, 32) and set(masks.unique().tolist()) <= {0.0, 1.0}
     assert torch.cat([b["index"] for b in test]).tolist() == list(range(n_test))
     assert labels.tolist().count(0) == 4 and labels.tolist().count(1) == 4
@@ -108,7 +115,9 @@ def test_visa_converted_layout(tmp_path, family_roots):
     (target / "ground_truth" / "bad").mkdir(parents=True)
     for p in (source / "test" / "scratch").iterdir():
         shutil.copy(p, target / "test" / "bad" / p.name)
-        shutil.copy(source / "ground_truth" / "scratch" / f"{p.stem}_mask.png", target / "ground_truth" / "bad" / p.name)
+        shutil.copy(
+            source / "ground_truth" / "scratch" / f"{p.stem}_mask.png", target / "ground_truth" / "bad" / p.name
+        )
     assert VisA.categories(tmp_path / "visa") == ["candle"]
     dm = make("VisA", tmp_path / "visa")
     dm.setup()
@@ -138,7 +147,9 @@ def test_mvtec_ad2_private_splits_are_unlabelled(family_roots):
 
 def test_calibration_hold_out_is_seeded(family_roots):
     root = family_roots["MVTecAD"]
-    split = lambda seed: [s.path.name for s in make("MVTecAD", root, seed=seed, calibration_fraction=0.3).samples("calibration")]  # noqa: E731
+    split = lambda seed: [
+        s.path.name for s in make("MVTecAD", root, seed=seed, calibration_fraction=0.3).samples("calibration")
+    ]
     assert split(0) == split(0)
     assert len(split(0)) == 3
     assert any(split(0) != split(s) for s in range(1, 5))
@@ -243,6 +254,9 @@ def test_bad_arguments(family_roots):
 
 
 def test_float_batch_conversion():
-    batch = {"image": torch.full((1, 3, 2, 2), 255, dtype=torch.uint8), "mask": torch.ones(1, 1, 2, 2, dtype=torch.uint8)}
+    batch = {
+        "image": torch.full((1, 3, 2, 2), 255, dtype=torch.uint8),
+        "mask": torch.ones(1, 1, 2, 2, dtype=torch.uint8),
+    }
     out = to_float_batch(batch)
     assert out["image"].dtype == torch.float32 and out["image"].max() == 1.0 and out["mask"].dtype == torch.float32

@@ -41,7 +41,9 @@ def test_image_auroc_matches_pairwise_reference_with_ties():
     labels = torch.randint(0, 2, (200,), generator=generator)
     scores = torch.randint(0, 30, (200,), generator=generator).double() + labels * 3  # many ties
     metrics, notes = image_metrics(scores, labels, threshold=15.0)
-    assert metrics["image_auroc"] == pytest.approx(pairwise_auroc(scores, labels), abs=1e-6)  # torchmetrics returns float32
+    assert metrics["image_auroc"] == pytest.approx(
+        pairwise_auroc(scores, labels), abs=1e-6
+    )  # torchmetrics returns float32
     assert not notes
 
 

@@ -185,6 +185,7 @@ class AnomalyDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.hparams.update(root=str(root), predict_dir=str(predict_dir) if predict_dir else None)  # checkpoint-safe
         self.root = Path(root).expanduser()
         self.category = category
         self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)

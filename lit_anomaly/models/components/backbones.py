@@ -67,7 +67,7 @@ def load_backbone_weights(model: nn.Module, state: Mapping, timm_name: str, sour
     """Load `state` into a features_only model; every tensor the model needs must be present."""
     state = _unwrap_state_dict(state)
     needed = model.state_dict()
-    if not set(needed) <= set(state):  # foreign key names (EfficientNet-PyTorch): map by order
+    if set(needed).isdisjoint(state):  # foreign key names (EfficientNet-PyTorch): map by order
         state = _by_order(state, timm_name)
     missing = sorted(set(needed) - set(state))
     if missing:

@@ -1,0 +1,147 @@
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torchvision
+
+from lit_anomaly.data import MVTecAD, write_synthetic
+from lit_anomaly.models import PaDiM, PatchCore
+from lit_anomaly.models.components import FeatureExtractor, WeightsError, greedy_coreset, nearest_neighbors
+from lit_anomaly.models.components.backbones import efficientnet_lite0_state_dict
+
+DETECTORS = {"PatchCore": PatchCore, "PaDiM": PaDiM}
+
+
+def trainer(**kwargs) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        num_sanity_val_steps=0, enable_model_summary=False, **kwargs,
+    )  # fmt: skip
+
+
+def fit_test(model, datamodule, **trainer_kwargs):
+    t = trainer(**trainer_kwargs)
+    t.fit(model, datamodule=datamodule)
+    t.test(model, datamodule=datamodule, verbose=False)
+    return model.test_metrics, t
+
+
+@pytest.mark.parametrize("name", list(DETECTORS))
+def test_pretrained_detector_separates_defects_and_beats_random_weights(name, mvtec_root):
+    metrics = {}
+    for pretrained in (True, False):
+        dm = MVTecAD(mvtec_root, "carpet", image_size=128, num_workers=0)
+        model = DETECTORS[name](backbone="efficientnet_lite0", pretrained=pretrained)
+        metrics[pretrained], _ = fit_test(model, dm)
+    assert metrics[True]["image_auroc"] >= 0.95
+    assert metrics[True]["pixel_auroc"] >= 0.95
+    assert metrics[True]["image_auroc"] >= metrics[False]["image_auroc"]
+    assert metrics[True]["pixel_aupro"] > metrics[False]["pixel_aupro"] + 0.1
+    assert model.threshold_provenance["n"] == 3 and model.threshold_provenance["quantile"] == 0.995
+
+
+def test_calibrated_threshold_flags_about_one_minus_q_of_normals(tmp_path):
+    root = write_synthetic(tmp_path, "MVTecAD", ["tile"], 140, 120, 2, image_size=64)
+    dm = MVTecAD(root, "tile", image_size=64, num_workers=0, calibration_fraction=0.5, eval_batch_size=64)
+    model = PatchCore(backbone="efficientnet_lite0", calibration_quantile=0.95)
+    fit_test(model, dm)
+    normals = model.test_results["label"] == 0
+    share_above = float((model.test_results["score"][normals] >= float(model.threshold)).double().mean())
+    assert model.threshold_provenance["n"] == 70
+    assert share_above <= 0.10  # 1 - q = 0.05 expected
+    assert model.test_metrics["image_specificity"] == pytest.approx(1 - share_above)
+
+
+@pytest.mark.parametrize("name", list(DETECTORS))
+def test_checkpoint_round_trip_restores_threshold_and_model(name, mvtec_root, tmp_path):
+    dm = MVTecAD(mvtec_root, "tile", image_size=64, num_workers=0)
+    model = DETECTORS[name](backbone="efficientnet_lite0", calibration_quantile=0.9)
+    t = trainer()
+    t.fit(model, datamodule=dm)
+    t.save_checkpoint(tmp_path / "model.ckpt")
+    restored = DETECTORS[name].load_from_checkpoint(tmp_path / "model.ckpt", pretrained=False)
+    assert float(restored.threshold) == float(model.threshold) and not math.isnan(float(model.threshold))
+    assert restored.threshold_provenance == model.threshold_provenance
+    assert torch.equal(restored.model.extractor.mean, torch.full((1, 3, 1, 1), 0.5))  # lite0 normalisation
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    model.eval(), restored.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(images)["score"], restored(images)["score"])
+    trainer().test(restored, datamodule=dm, verbose=False)  # a restored detector tests without refitting
+    assert restored.test_metrics["image_auroc"] is not None
+
+
+def test_offline_efficientnet_lite0_weights_load_completely():
+    extractor = FeatureExtractor("efficientnet_lite0", layers=(2, 3), pretrained=True)
+    shipped = efficientnet_lite0_state_dict()
+    assert torch.equal(extractor.model.conv_stem.weight, shipped["_conv_stem.weight"])
+    assert torch.equal(extractor.model.blocks[2][0].conv_pw.weight, shipped["_blocks.3._expand_conv.weight"])
+    assert extractor.channels == [40, 112] and extractor.strides == [8, 16]
+    features = extractor(torch.rand(1, 3, 64, 64))
+    assert [f.shape[1] for f in features] == [40, 112]
+
+
+def test_weights_path_for_air_gapped_sites(tmp_path):
+    reference = torchvision.models.resnet18()
+    torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
+    extractor = FeatureExtractor("resnet18", layers=("layer2", "layer3"), weights_path=tmp_path / "resnet18.pth")
+    assert torch.equal(extractor.model.layer3[1].conv2.weight, reference.layer3[1].conv2.weight)
+    broken = {k: v for k, v in reference.state_dict().items() if not k.startswith("layer3")}
+    torch.save(broken, tmp_path / "broken.pth")
+    with pytest.raises(WeightsError, match="missing"):
+        FeatureExtractor("resnet18", layers=(2, 3), weights_path=tmp_path / "broken.pth")
+    with pytest.raises(WeightsError, match="does not exist"):
+        FeatureExtractor("resnet18", weights_path=tmp_path / "absent.pth")
+
+
+def test_pretrained_download_failure_says_what_works_offline(monkeypatch):
+    def offline(*args, **kwargs):
+        raise ConnectionError("network unreachable")
+
+    monkeypatch.setattr(torchvision.models, "get_model", offline)
+    with pytest.raises(WeightsError, match="weights_path"):
+        FeatureExtractor("resnet18", pretrained=True)
+
+
+def naive_coreset(x: torch.Tensor, n: int, start: int) -> list[int]:
+    chosen, distances = [start], torch.cdist(x, x[start : start + 1]).squeeze(1)
+    for _ in range(n - 1):
+        nxt = int(distances.argmax())
+        chosen.append(nxt)
+        distances = torch.minimum(distances, torch.cdist(x, x[nxt : nxt + 1]).squeeze(1))
+    return chosen
+
+
+def test_greedy_coreset_matches_naive_k_center():
+    x = torch.randn(500, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64).float()
+    selected = greedy_coreset(x, 40, projection_dim=None, seed=3).tolist()
+    assert selected == naive_coreset(x, 40, selected[0])
+    assert len(set(selected)) == 40
+    projected = greedy_coreset(x, 40, projection_dim=8, seed=3)
+    assert len(set(projected.tolist())) == 40
+
+
+def test_nearest_neighbors_match_cdist():
+    generator = torch.Generator().manual_seed(0)
+    queries, bank = torch.randn(300, 24, generator=generator), torch.randn(90, 24, generator=generator)
+    distances, indices = nearest_neighbors(queries, bank, k=3, max_elements=1000)  # many chunks
+    reference = torch.cdist(queries, bank).topk(3, largest=False)
+    assert torch.equal(indices, reference.indices)
+    assert torch.allclose(distances, reference.values, atol=1e-4)
+
+
+def test_patchcore_reweighting_and_bad_arguments(mvtec_root):
+    dm = MVTecAD(mvtec_root, "tile", image_size=64, num_workers=0)
+    metrics, _ = fit_test(PatchCore(backbone="efficientnet_lite0", reweight=True), dm)
+    assert metrics["image_auroc"] >= 0.9
+    with pytest.raises(ValueError, match="coreset_ratio"):
+        PatchCore(backbone="efficientnet_lite0", coreset_ratio=0)
+    with pytest.raises(ValueError, match="calibration_quantile"):
+        PaDiM(backbone="efficientnet_lite0", calibration_quantile=1.2)
+
+
+def test_no_calibration_split_leaves_threshold_metrics_null(mvtec_root):
+    dm = MVTecAD(mvtec_root, "tile", image_size=64, num_workers=0, calibration_fraction=0)
+    metrics, _ = fit_test(PatchCore(backbone="efficientnet_lite0"), dm)
+    assert metrics["image_auroc"] is not None and metrics["image_f1"] is None
