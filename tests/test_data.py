@@ -46,7 +46,7 @@ def tree_state(root: Path) -> dict:
 def test_family_splits_and_batch_contract(family, family_roots):
     root = family_roots[family]
     before = tree_state(root)
-    category, n_train, n_calibration, n_test, defect_types = EXPECTED[family]
+    _category, n_train, n_calibration, n_test, defect_types = EXPECTED[family]
     dm = make(family, root, eval_batch_size=3)
     dm.setup()
     assert (len(dm.samples("train")), len(dm.samples("calibration")), len(dm.samples("test"))) == (
@@ -147,9 +147,10 @@ def test_mvtec_ad2_private_splits_are_unlabelled(family_roots):
 
 def test_calibration_hold_out_is_seeded(family_roots):
     root = family_roots["MVTecAD"]
-    split = lambda seed: [
-        s.path.name for s in make("MVTecAD", root, seed=seed, calibration_fraction=0.3).samples("calibration")
-    ]
+
+    def split(seed):
+        return [s.path.name for s in make("MVTecAD", root, seed=seed, calibration_fraction=0.3).samples("calibration")]
+
     assert split(0) == split(0)
     assert len(split(0)) == 3
     assert any(split(0) != split(s) for s in range(1, 5))

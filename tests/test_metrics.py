@@ -17,7 +17,7 @@ def per_threshold_aupro(maps, masks, limit):
     """Slow reference: walk every distinct threshold, label regions per image, integrate with interpolation."""
     maps, masks = maps.numpy(), masks.numpy().astype(bool)
     regions = []
-    for m, mask in zip(maps, masks):
+    for m, mask in zip(maps, masks, strict=False):
         labelled, n = ndimage.label(mask, structure=np.ones((3, 3)))
         regions += [(m, labelled == r) for r in range(1, n + 1)]
     negatives = maps[~masks]
@@ -26,7 +26,7 @@ def per_threshold_aupro(maps, masks, limit):
         fpr = (negatives >= t).mean()
         pro = np.mean([(m[region] >= t).mean() for m, region in regions])
         points.append((fpr, pro))
-    fpr, pro = map(np.array, zip(*points))
+    fpr, pro = map(np.array, zip(*points, strict=False))
     keep = fpr <= limit
     x, y = list(fpr[keep]), list(pro[keep])
     if x[-1] < limit:
@@ -118,7 +118,7 @@ def test_spro_saturates_and_matches_reference():
     points = [(0.0, 0.0)] + [
         ((maps[2] >= t).double().mean().item(), min((maps[0][defect] >= t).sum().item() / 10, 1.0)) for t in thresholds
     ]
-    fpr, pro = map(np.array, zip(*points))
+    fpr, pro = map(np.array, zip(*points, strict=False))
     keep = fpr <= 0.05
     j = keep.sum()
     x = np.append(fpr[keep], 0.05)

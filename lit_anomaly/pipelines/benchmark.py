@@ -41,6 +41,10 @@ QUIET = (  # Lightning advice that does not apply to one-pass, optimiser-free de
     r".*sync_dist.*",
     r".*The number of training batches.*",
     r".*Total length of .* across ranks is zero.*",
+    r".*Using `DistributedSampler` with the dataloaders.*",
+    r".*module\(s\) in eval mode.*",
+    r".*treespec.*",
+    r".*all_gather is deprecated.*",
 )
 
 

@@ -84,9 +84,11 @@ class FeatureExtractor(nn.Module):
         layers: Sequence[int | str] = (2, 3),
         pretrained: bool = True,
         weights_path: str | Path | None = None,
+        canonical_batch: int | None = 8,
     ) -> None:
         super().__init__()
         self.backbone = backbone
+        self.canonical_batch = canonical_batch
         self.timm_name = TIMM_NAMES.get(backbone, backbone)
         indices = tuple(stage_index(layer) for layer in layers)
         try:
@@ -135,7 +137,20 @@ class FeatureExtractor(nn.Module):
         return self
 
     def forward(self, images: Tensor) -> list[Tensor]:
+        """Feature maps of the chosen stages, float32.
+
+        oneDNN and cuDNN pick kernels by batch size, and their results differ in the last bits; so
+        with `canonical_batch` set, images go through in chunks of exactly that size (the last one
+        padded) and an image's features never depend on how a loader or a DDP shard batched it.
+        """
         x = (images - self.mean) / self.std
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.is_cuda):
-            features = self.model(x)
-        return [f.float() for f in features]
+        chunk = self.canonical_batch or len(x)
+        outputs = []
+        for start in range(0, len(x), chunk):
+            part = x[start : start + chunk]
+            if len(part) < chunk:
+                part = torch.cat([part, part[-1:].expand(chunk - len(part), -1, -1, -1)])
+            with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.is_cuda):
+                outputs.append(self.model(part))
+        n = len(x)
+        return [torch.cat([o[i] for o in outputs])[:n].float() for i in range(len(self.channels))]
