@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 from jsonargparse import ArgumentError
 from pytorch_lightning.cli import LightningCLI
 
-from .data import DATAMODULES, AnomalyDataModule
+from .data import DATAMODULES, AnomalyDataModule, DatasetError
 from .models import MODELS, AnomalyModule
 from .models.components import WeightsError
 from .pipelines.benchmark import QUIET, TRAINER_DEFAULTS, RunConfig, process_rank, run_benchmark
@@ -70,6 +70,14 @@ def _check_class_names(args: Sequence[str]) -> None:
                 raise ValueError(f"unknown {flag} {value!r}; valid: {', '.join(registry)}")
 
 
+def _message(error: BaseException) -> str:
+    """The root cause's message: jsonargparse wraps a constructor's error in a long union report."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip()
+    return text if isinstance(error, DatasetError) else text.splitlines()[0] if text else type(error).__name__
+
+
 def _cli(args: Sequence[str] | None) -> LitAnomalyCLI:
     return LitAnomalyCLI(
         AnomalyModule,
@@ -101,8 +109,7 @@ def main(args: Sequence[str] | None = None) -> int:
         _check_class_names(args)
         cli = _cli(None if from_argv else args)
     except (ArgumentError, ValueError, WeightsError, RunError, FileNotFoundError) as error:
-        message = str(error).strip().replace("\n  ", " ")
-        print(f"lit-anomaly: error: {message}", file=sys.stderr)
+        print(f"lit-anomaly: error: {_message(error)}", file=sys.stderr)
         return 2
     finally:
         sys.stdout = json_stream

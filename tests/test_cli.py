@@ -1,0 +1,149 @@
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lit_anomaly.cli import main
+from lit_anomaly.data import write_synthetic
+from lit_anomaly.reporting import HEADLINE_METRICS
+
+REPORT_KEYS = {
+    "schema_version", "lit_anomaly_version", "timestamp_utc", "dataset", "model", "categories", "per_category",
+    "mean_metrics", "std_metrics", "run_dir", "config", "environment",
+}  # fmt: skip
+CATEGORY_KEYS = {"status", "error", "threshold", "threshold_provenance", "metrics", "counts", "timing"}
+RECORD_KEYS = {"index", "path", "category", "defect_type", "label", "score", "threshold", "pred"}
+
+
+@pytest.fixture(scope="module")
+def cli_root(tmp_path_factory) -> Path:
+    return write_synthetic(tmp_path_factory.mktemp("cli"), "MVTecAD", ["carpet", "tile"], 12, 4, 4, 64)
+
+
+def args_for(root, *extra, model="PatchCore", data="MVTecAD") -> list[str]:
+    return [
+        "fit+test", "--model", model, "--model.backbone", "efficientnet_lite0", "--data", data,
+        "--data.root", str(root), "--data.image_size", "[64,64]", "--data.num_workers", "0",
+        "--trainer.accelerator", "cpu", *extra,
+    ]  # fmt: skip
+
+
+def run_cli(capsys, args) -> tuple[int, dict | None, str]:
+    code = main(args)
+    captured = capsys.readouterr()
+    document = json.loads(captured.out) if captured.out.strip() else None
+    return code, document, captured.err
+
+
+def test_single_category_writes_every_artifact(cli_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, report, _ = run_cli(capsys, args_for(cli_root, "--data.category", "carpet", "--run.output_dir", str(out)))
+    assert code == 0
+    assert set(report) == REPORT_KEYS and report["categories"] == ["carpet"]
+    assert json.loads((out / "report.json").read_text()) == report
+    category = report["per_category"]["carpet"]
+    assert CATEGORY_KEYS <= set(category) and category["status"] == "ok"
+    assert set(category["metrics"]) == set(HEADLINE_METRICS) and category["metrics"]["image_auroc"] >= 0.9
+    assert category["counts"] == {"train": 11, "calibration": 1, "test": 8, "test_anomalous": 4}
+    assert category["threshold_provenance"]["split"] == "calibration" and category["threshold_provenance"]["n"] == 1
+    assert set(category["timing"]) == {"fit_s", "calibrate_s", "test_s"}
+    assert json.loads((out / "categories" / "carpet" / "report.json").read_text())["threshold"] == category["threshold"]
+    records = [json.loads(line) for line in (out / "categories" / "carpet" / "per_image.jsonl").read_text().splitlines()]
+    assert len(records) == 8 and set(records[0]) == RECORD_KEYS
+    assert sorted(r["index"] for r in records) == list(range(8))
+    assert all(r["pred"] == int(r["score"] >= r["threshold"]) for r in records)
+    config = (out / "config.yaml").read_text()
+    assert "efficientnet_lite0" in config and "class_path" in config
+    assert report["environment"]["packages"]["torch"]
+    events = EventAccumulator(str(out / "tensorboard" / "carpet"), size_guidance={"images": 0, "histograms": 0})
+    tags = events.Reload().Tags()
+    assert {"test/image_auroc", "test/pixel_aupro", "test/threshold", "threshold"} <= set(tags["scalars"])
+    assert {"calibration/scores", "test/scores_normal", "test/scores_anomalous"} <= set(tags["histograms"])
+    assert {"test/highest_scoring_normals", "test/lowest_scoring_anomalies"} <= set(tags["images"])
+
+
+def test_all_categories_aggregate_and_output_copy(cli_root, tmp_path, capsys):
+    out, copy = tmp_path / "run", tmp_path / "summary.json"
+    code, report, _ = run_cli(
+        capsys, args_for(cli_root, "--data.category", "all", "--run.output_dir", str(out), "--run.output", str(copy))
+    )
+    assert code == 0 and report["categories"] == ["carpet", "tile"]
+    values = [report["per_category"][c]["metrics"]["image_ap"] for c in ("carpet", "tile")]
+    mean = sum(values) / 2
+    assert report["mean_metrics"]["image_ap"] == pytest.approx(mean)
+    assert report["std_metrics"]["image_ap"] == pytest.approx(abs(values[0] - mean))  # population std of two
+    assert json.loads(copy.read_text()) == report
+    for category in ("carpet", "tile"):
+        assert len((out / "categories" / category / "per_image.jsonl").read_text().splitlines()) == 8
+
+
+def test_default_run_folder_is_named_and_never_reused(cli_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = run_cli(capsys, args_for(cli_root, "--data.category", "tile", "--run.per_image_jsonl", "false"))[1]
+    second = run_cli(capsys, args_for(cli_root, "--data.category", "tile", "--run.save", "false"))[1]
+    run_dir = Path(first["run_dir"])
+    assert run_dir.parent == Path("runs") and run_dir.name.endswith("_MVTecAD_PatchCore")
+    assert not (tmp_path / run_dir / "categories" / "tile" / "per_image.jsonl").exists()
+    assert second["run_dir"] is None and len(list((tmp_path / "runs").iterdir())) == 1
+
+
+def test_folder_dataset(tmp_path, capsys):
+    root = write_synthetic(tmp_path / "line3", "Folder", ["custom"], 12, 4, 4, 64)
+    code, report, _ = run_cli(capsys, args_for(root, "--run.output_dir", str(tmp_path / "run"), data="Folder"))
+    assert code == 0 and report["categories"] == ["custom"]
+    assert report["per_category"]["custom"]["counts"]["test"] == 8
+
+
+def test_resume_skips_finished_categories(cli_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_cli(capsys, args_for(cli_root, "--data.category", "all", "--run.output_dir", str(out)))
+    kept = out / "categories" / "carpet" / "report.json"
+    kept_time = kept.stat().st_mtime_ns
+    shutil.rmtree(out / "categories" / "tile")  # as if the run died during tile
+    code, report, _ = run_cli(capsys, args_for(cli_root, "--data.category", "all", "--run.resume", str(out)))
+    assert code == 0 and set(report["per_category"]) == {"carpet", "tile"}
+    assert kept.stat().st_mtime_ns == kept_time
+    assert (out / "categories" / "tile" / "per_image.jsonl").exists()
+    code, _, error = run_cli(capsys, args_for(cli_root, "--data.category", "all", "--run.resume", str(out), model="PaDiM"))
+    assert code == 2 and "MVTecAD/PatchCore run, not MVTecAD/PaDiM" in error
+
+
+def test_failing_category_is_recorded_and_others_run(cli_root, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(cli_root, root)
+    broken = root / "carpet" / "test" / "good" / "002.png"
+    broken.write_bytes(b"not a png")
+    out = tmp_path / "run"
+    code, report, _ = run_cli(capsys, args_for(root, "--data.category", "all", "--run.output_dir", str(out)))
+    assert code == 1
+    assert report["per_category"]["carpet"]["status"] == "failed"
+    assert str(broken) in report["per_category"]["carpet"]["error"]
+    assert report["per_category"]["tile"]["status"] == "ok"
+    assert report["mean_metrics"]["image_auroc"] == report["per_category"]["tile"]["metrics"]["image_auroc"]
+    assert json.loads((out / "categories" / "carpet" / "report.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"model": "PatchKore"}, "unknown --model 'PatchKore'; valid: PatchCore, PaDiM"),
+        ({"data": "MVTec"}, "unknown --data 'MVTec'; valid: MVTecAD, MVTecAD2"),
+        ({"extra": ["--data.category", "bottel"]}, "unknown MVTecAD category 'bottel'; valid: carpet, tile"),
+        ({"root": "/nonexistent/mvtec", "extra": ["--data.category", "all"]}, "/nonexistent/mvtec does not exist"),
+        ({"data": "Folder", "extra": ["--data.category", "all"]}, "not supported by Folder"),
+        ({"extra": ["--data.category", "tile", "--run.output", "/nonexistent/dir/r.json"]}, "/nonexistent/dir"),
+        ({"extra": ["--data.category", "tile", "--model.calibration_quantile", "1.5"]}, "calibration_quantile"),
+    ],
+)
+def test_bad_input_is_one_clear_line(cli_root, capsys, change, message):
+    args = args_for(
+        change.get("root", cli_root), *change.get("extra", []), model=change.get("model", "PatchCore"),
+        data=change.get("data", "MVTecAD"),
+    )  # fmt: skip
+    code, document, error = run_cli(capsys, args)
+    assert code == 2 and document is None
+    line = next(line for line in error.splitlines() if line.startswith("lit-anomaly: error:"))
+    assert message in line
+    assert "Traceback" not in error
