@@ -50,7 +50,9 @@ def test_single_category_writes_every_artifact(cli_root, tmp_path, capsys):
     assert category["threshold_provenance"]["split"] == "calibration" and category["threshold_provenance"]["n"] == 1
     assert set(category["timing"]) == {"fit_s", "calibrate_s", "test_s"}
     assert json.loads((out / "categories" / "carpet" / "report.json").read_text())["threshold"] == category["threshold"]
-    records = [json.loads(line) for line in (out / "categories" / "carpet" / "per_image.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (out / "categories" / "carpet" / "per_image.jsonl").read_text().splitlines()
+    ]
     assert len(records) == 8 and set(records[0]) == RECORD_KEYS
     assert sorted(r["index"] for r in records) == list(range(8))
     assert all(r["pred"] == int(r["score"] >= r["threshold"]) for r in records)
@@ -106,7 +108,9 @@ def test_resume_skips_finished_categories(cli_root, tmp_path, capsys):
     assert code == 0 and set(report["per_category"]) == {"carpet", "tile"}
     assert kept.stat().st_mtime_ns == kept_time
     assert (out / "categories" / "tile" / "per_image.jsonl").exists()
-    code, _, error = run_cli(capsys, args_for(cli_root, "--data.category", "all", "--run.resume", str(out), model="PaDiM"))
+    code, _, error = run_cli(
+        capsys, args_for(cli_root, "--data.category", "all", "--run.resume", str(out), model="PaDiM")
+    )
     assert code == 2 and "MVTecAD/PatchCore run, not MVTecAD/PaDiM" in error
 
 

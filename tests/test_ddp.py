@@ -1,0 +1,128 @@
+"""DDP on CPU (gloo) gives the same answer as one device: threshold, metrics, per-image scores."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from lit_anomaly.data import write_synthetic
+
+# Intra-op thread count changes oneDNN's summation order; every process gets one thread, as
+# Lightning gives each of two DDP processes on this 2-core machine.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+@pytest.fixture(scope="module")
+def ddp_root(tmp_path_factory):
+    # 13 train images: odd shard sizes, so DistributedSampler pads with repeats that must be dropped
+    return write_synthetic(tmp_path_factory.mktemp("ddp"), "MVTecAD", ["carpet", "tile"], 15, 5, 4, 64)
+
+
+def fit_test_args(root, model, out, *extra):
+    return [
+        "fit+test", "--model", model, "--model.backbone", "efficientnet_lite0", "--data", "MVTecAD",
+        "--data.root", str(root), "--data.image_size", "[64,64]", "--data.num_workers", "0",
+        "--data.train_batch_size", "4", "--data.eval_batch_size", "4", "--trainer.accelerator", "cpu",
+        "--run.output_dir", str(out), *extra,
+    ]  # fmt: skip
+
+
+def run(command, timeout=300):
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)  # stdout is exactly one JSON document
+
+
+def records(out, category):
+    lines = (out / "categories" / category / "per_image.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def assert_same(single, distributed, single_dir, distributed_dir):
+    assert single["categories"] == distributed["categories"]
+    for category in single["categories"]:
+        a, b = single["per_category"][category], distributed["per_category"][category]
+        assert a["status"] == b["status"] == "ok"
+        assert a["threshold"] == pytest.approx(b["threshold"], rel=1e-12)
+        assert a["threshold_provenance"] == b["threshold_provenance"]
+        for key, value in a["metrics"].items():
+            assert value == pytest.approx(b["metrics"][key], abs=1e-6), key
+        first, second = records(single_dir, category), records(distributed_dir, category)
+        assert len(second) == a["counts"]["test"] == len({r["index"] for r in second})  # one record per image
+        for x, y in zip(first, second, strict=True):
+            assert x["index"] == y["index"] and x["path"] == y["path"]
+            assert x["score"] == pytest.approx(y["score"], rel=1e-9)
+
+
+@pytest.mark.parametrize(("model", "category"), [("PatchCore", "all"), ("PaDiM", "carpet")])
+def test_two_process_ddp_matches_one_device(ddp_root, tmp_path, model, category):
+    cli = [sys.executable, "-m", "lit_anomaly"]
+    single = run([*cli, *fit_test_args(ddp_root, model, tmp_path / "one", "--data.category", category)])
+    distributed = run(
+        [
+            *cli,
+            *fit_test_args(ddp_root, model, tmp_path / "ddp", "--data.category", category),
+            "--trainer.devices",
+            "2",
+            "--trainer.strategy",
+            "ddp",
+        ]  # fmt: skip
+    )
+    assert_same(single, distributed, tmp_path / "one", tmp_path / "ddp")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_over_loopback_match_one_device(ddp_root, tmp_path):
+    args = fit_test_args(ddp_root, "PatchCore", tmp_path / "nodes", "--data.category", "tile")
+    single = run(
+        [
+            sys.executable,
+            "-m",
+            "lit_anomaly",
+            *fit_test_args(ddp_root, "PatchCore", tmp_path / "one", "--data.category", "tile"),
+        ]
+    )
+    port = str(free_port())
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--node_rank",
+                str(rank),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                port,
+                "-m",
+                "lit_anomaly",
+                *args,
+                "--trainer.num_nodes",
+                "2",
+                "--trainer.strategy",
+                "ddp",
+            ],  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    assert outputs[1][0].strip() == ""  # only global rank 0 prints the summary
+    assert_same(single, json.loads(outputs[0][0]), tmp_path / "one", tmp_path / "nodes")
