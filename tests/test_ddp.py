@@ -61,16 +61,8 @@ def assert_same(single, distributed, single_dir, distributed_dir):
 def test_two_process_ddp_matches_one_device(ddp_root, tmp_path, model, category):
     cli = [sys.executable, "-m", "lit_anomaly"]
     single = run([*cli, *fit_test_args(ddp_root, model, tmp_path / "one", "--data.category", category)])
-    distributed = run(
-        [
-            *cli,
-            *fit_test_args(ddp_root, model, tmp_path / "ddp", "--data.category", category),
-            "--trainer.devices",
-            "2",
-            "--trainer.strategy",
-            "ddp",
-        ]  # fmt: skip
-    )
+    ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    distributed = run([*cli, *fit_test_args(ddp_root, model, tmp_path / "ddp", "--data.category", category, *ddp)])
     assert_same(single, distributed, tmp_path / "one", tmp_path / "ddp")
 
 
@@ -82,6 +74,7 @@ def free_port() -> int:
 
 def test_two_nodes_over_loopback_match_one_device(ddp_root, tmp_path):
     args = fit_test_args(ddp_root, "PatchCore", tmp_path / "nodes", "--data.category", "tile")
+    args += ["--trainer.num_nodes", "2", "--trainer.strategy", "ddp"]
     single = run(
         [
             sys.executable,
@@ -91,30 +84,11 @@ def test_two_nodes_over_loopback_match_one_device(ddp_root, tmp_path):
         ]
     )
     port = str(free_port())
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1"]
+    launcher += ["--master_addr", "127.0.0.1", "--master_port", port]
     nodes = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes",
-                "2",
-                "--nproc_per_node",
-                "1",
-                "--node_rank",
-                str(rank),
-                "--master_addr",
-                "127.0.0.1",
-                "--master_port",
-                port,
-                "-m",
-                "lit_anomaly",
-                *args,
-                "--trainer.num_nodes",
-                "2",
-                "--trainer.strategy",
-                "ddp",
-            ],  # fmt: skip
+            [*launcher, "--node_rank", str(rank), "-m", "lit_anomaly", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
