@@ -9,6 +9,7 @@ from lit_anomaly.data import MVTecAD, write_synthetic
 from lit_anomaly.models import PaDiM, PatchCore
 from lit_anomaly.models.components import FeatureExtractor, WeightsError, greedy_coreset, nearest_neighbors
 from lit_anomaly.models.components.backbones import efficientnet_lite0_state_dict
+from lit_anomaly.models.components.coreset import _greedy_dense, _greedy_pruned
 
 DETECTORS = {"PatchCore": PatchCore, "PaDiM": PaDiM}
 
@@ -118,6 +119,12 @@ def test_greedy_coreset_matches_naive_k_center():
     selected = greedy_coreset(x, 40, projection_dim=None, seed=3).tolist()
     assert selected == naive_coreset(x, 40, selected[0])
     assert len(set(selected)) == 40
+
+
+def test_pruned_cpu_coreset_selects_what_the_dense_device_loop_selects():
+    clustered = torch.randn(20, 32, generator=torch.Generator().manual_seed(1)) * 4
+    x = clustered.repeat_interleave(200, 0) + torch.randn(4000, 32, generator=torch.Generator().manual_seed(2))
+    assert _greedy_pruned(x, 400, 7).tolist() == _greedy_dense(x, 400, 7).tolist()
     projected = greedy_coreset(x, 40, projection_dim=8, seed=3)
     assert len(set(projected.tolist())) == 40
 
