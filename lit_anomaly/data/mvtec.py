@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
 
 from .base import AnomalyDataModule, DatasetError, Sample, labelled_folder, list_images
 
@@ -112,6 +117,36 @@ class MVTecLOCO(AnomalyDataModule):
                 masks = tuple(list_images(self.category_root / "ground_truth" / defect_type / path.stem))
                 samples.append(Sample(path, 1, defect_type, masks))
         return samples
+
+    def spro_defects(self, size: tuple[int, int]) -> dict[int, list[tuple[torch.Tensor, float]]]:
+        """Per test image, each annotated defect as (mask at `size`, saturation area at `size`).
+
+        Each mask PNG holds one `pixel_value`, the key into defects_config.json; the saturation area
+        is `int(threshold * area)` when relative, else `min(threshold, area)`, in pixels of `size`.
+        """
+        config_path = self.category_root / "defects_config.json"
+        if not config_path.is_file():
+            raise DatasetError(f"sPRO needs {config_path}")
+        config = {entry["pixel_value"]: entry for entry in json.loads(config_path.read_text())}
+        defects: dict[int, list[tuple[torch.Tensor, float]]] = {}
+        for index, sample in enumerate(self.samples("test")):
+            for path in sample.masks:
+                values = np.asarray(Image.open(path))
+                present = [int(v) for v in np.unique(values) if v]
+                if not present:
+                    continue
+                if present[0] not in config:
+                    raise DatasetError(f"{path}: pixel value {present[0]} is not in {config_path}")
+                entry = config[present[0]]
+                binary = Image.fromarray(values == present[0]).resize((size[1], size[0]), Image.NEAREST)
+                mask = torch.from_numpy(np.asarray(binary))
+                area = float(mask.sum())
+                scale = size[0] * size[1] / values.size
+                threshold = entry["saturation_threshold"]
+                saturation = int(threshold * area) if entry["relative_saturation"] else min(threshold * scale, area)
+                if area > 0:
+                    defects.setdefault(index, []).append((mask, saturation))
+        return defects
 
 
 __all__ = ["MVTecAD", "MVTecAD2", "MVTecLOCO"]

@@ -31,7 +31,7 @@ def label_regions(masks: Tensor) -> tuple[np.ndarray, int]:
 def _area_under_curve(scores: np.ndarray, fpr_weights: np.ndarray, pro_weights: np.ndarray, limit: float) -> float:
     order = np.argsort(-scores, kind="stable")
     fpr = np.cumsum(fpr_weights[order])
-    pro = np.cumsum(pro_weights[order])
+    pro = np.minimum(np.cumsum(pro_weights[order]), 1.0)  # a sum of shares: rounding must not pass 1
     sorted_scores = scores[order]
     run_ends = np.append(sorted_scores[1:] != sorted_scores[:-1], True)
     fpr = np.concatenate([[0.0], fpr[run_ends]])

@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..callbacks import TensorBoardArtifacts
 from ..data import DATAMODULES, AnomalyDataModule, DatasetError, Folder
-from ..metrics import image_metrics
+from ..metrics import au_spro, image_metrics
 from ..models import MODELS, AnomalyModule
 from ..reporting import RunError, RunFolder, build_report, environment
 
@@ -166,6 +166,24 @@ def _by_defect_type(records: list[dict[str, Any]], threshold: float | None) -> d
     return out
 
 
+def _add_spro(detector: AnomalyModule, datamodule: Any, fpr_limit: float = 0.05) -> None:
+    """MVTec LOCO's AU-sPRO (FPR limit 0.05 as in the LOCO paper) from the gathered test maps."""
+    maps, index = detector.test_maps["map"], detector.test_results["index"]
+    position = {int(i): p for p, i in enumerate(index.tolist())}
+    try:
+        by_image = datamodule.spro_defects(tuple(maps.shape[-2:]))
+    except DatasetError as error:
+        detector.test_metrics["pixel_spro"], detector.test_notes["pixel_spro"] = None, str(error)
+        return
+    defects = [(position[i], mask, area) for i, found in by_image.items() if i in position for mask, area in found]
+    good = [p for p, label in enumerate(detector.test_results["label"].tolist()) if label == 0]
+    if not defects or not good:
+        detector.test_metrics["pixel_spro"] = None
+        detector.test_notes["pixel_spro"] = "needs annotated defects and good test images"
+        return
+    detector.test_metrics["pixel_spro"] = au_spro(maps, defects, good, fpr_limit)
+
+
 def run_benchmark_category(
     model: Any,
     data: Any,
@@ -186,6 +204,8 @@ def run_benchmark_category(
     fitted = time.perf_counter()
     lightning.test(detector, datamodule=datamodule, verbose=False)
     tested = time.perf_counter()
+    if hasattr(datamodule, "spro_defects"):
+        _add_spro(detector, datamodule)
     calibrate_s = detector.timing.get("calibrate_s", 0.0)
     threshold = float(detector.threshold)
     records = _per_image_records(datamodule, detector, category)
@@ -239,12 +259,16 @@ def run_benchmark_all(
         folder = RunFolder.resume(run.resume, data_spec.name, model_spec.name, writable=is_zero and run.save)
     else:
         folder = RunFolder.create(run.output_dir, run.parent_dir, data_spec.name, model_spec.name, is_zero and run.save)
-    config = {
-        "model": model_spec.as_config(), "data": data_spec.as_config(),
-        "trainer": {k: v for k, v in (trainer or {}).items() if k not in ("callbacks", "logger")}, "run": asdict(run),
-    }  # fmt: skip
+    config = _plain(
+        {
+            "model": model_spec.as_config(),
+            "data": data_spec.as_config(),
+            "trainer": {k: v for k, v in (trainer or {}).items() if k not in ("callbacks", "logger")},
+            "run": asdict(run),
+        }
+    )
     if config_yaml is None:
-        config_yaml = yaml.safe_dump(_plain(config), sort_keys=False)
+        config_yaml = yaml.safe_dump(config, sort_keys=False)
     env = environment(device=str(TRAINER_DEFAULTS["accelerator"] if not trainer else trainer.get("accelerator")))
     per_category = folder.finished(categories) if run.resume else {}
 

