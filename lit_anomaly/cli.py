@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 from jsonargparse import ArgumentError
 from pytorch_lightning.cli import LightningCLI
 
+from .callbacks import PredictionWriter
 from .data import DATAMODULES, AnomalyDataModule, DatasetError
 from .models import MODELS, AnomalyModule
 from .models.components import WeightsError
@@ -52,7 +54,16 @@ class LitAnomalyCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         trainer.config_yaml = getattr(self, "_config_yaml", None)
+        if self.subcommand == "predict" and not any(isinstance(c, PredictionWriter) for c in trainer.callbacks):
+            trainer.callbacks.append(PredictionWriter(str(Path(trainer.default_root_dir) / "predictions")))
         return trainer
+
+    def after_fit(self) -> None:
+        """Lightning's ModelCheckpoint saves nothing without optimiser steps; a fitted detector is saved here."""
+        path = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "checkpoints" / "detector.ckpt"
+        self.trainer.save_checkpoint(path)  # every rank calls it; rank 0 writes
+        if self.trainer.is_global_zero:
+            print(f"lit-anomaly: checkpoint with calibrated threshold saved to {path}", file=sys.stderr)
 
 
 def _check_class_names(args: Sequence[str]) -> None:

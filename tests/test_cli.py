@@ -151,3 +151,26 @@ def test_bad_input_is_one_clear_line(cli_root, capsys, change, message):
     line = next(line for line in error.splitlines() if line.startswith("lit-anomaly: error:"))
     assert message in line
     assert "Traceback" not in error
+
+
+def test_fit_then_predict_writes_scores_and_submission_maps(tmp_path, capsys):
+    root = write_synthetic(tmp_path / "ad2", "MVTecAD2", ["can"], 12, 4, 4, 64)
+    common = ["--model", "PatchCore", "--model.backbone", "efficientnet_lite0", "--data", "MVTecAD2"]
+    common += ["--data.root", str(root), "--data.category", "can", "--data.image_size", "[32,32]"]
+    common += ["--data.num_workers", "0", "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path)]
+    assert main(["fit", *common]) == 0
+    checkpoint = next(tmp_path.rglob("*.ckpt"))
+    assert main(["predict", *common, "--ckpt_path", str(checkpoint), "--data.predict_split", "test_private"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "predictions"
+    lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 and all(line["threshold"] > 0 and line["pred"] in (0, 1) for line in lines)
+    from PIL import Image
+
+    maps = sorted((out / "anomaly_images" / "can" / "test_private").iterdir())
+    assert [p.name for p in maps] == ["000_regular.tiff", "001_regular.tiff", "002_regular.tiff"]
+    with Image.open(maps[0]) as anomaly_map:
+        assert anomaly_map.mode == "F" and anomaly_map.size == (64, 64)  # the image's own size
+    binary = out / "anomaly_images_thresholded" / "can" / "test_private" / "000_regular.png"
+    with Image.open(binary) as thresholded:
+        assert set(thresholded.getdata()) <= {0, 255}

@@ -1,3 +1,4 @@
+from .predictions import PredictionWriter
 from .tensorboard import TensorBoardArtifacts
 
-__all__ = ["TensorBoardArtifacts"]
+__all__ = ["PredictionWriter", "TensorBoardArtifacts"]

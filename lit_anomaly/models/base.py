@@ -43,6 +43,8 @@ def gather_by_index(module: pl.LightningModule, index: Tensor, *values: Tensor) 
     if module.trainer.world_size > 1:
         index = module.all_gather(index).flatten(0, 1)
         values = tuple(module.all_gather(v).flatten(0, 1) for v in values)
+    if len(index) < 2 or bool((index[1:] > index[:-1]).all()):
+        return (index, *values)  # one process, sequential sampler: nothing to sort, no copies
     index, order = index.sort(stable=True)
     first = torch.ones_like(index, dtype=torch.bool)
     first[1:] = index[1:] != index[:-1]

@@ -38,13 +38,11 @@ class PaDiM(AnomalyModule):
 
     def learn(self, batch: dict[str, Any]) -> None:
         fresh = self.first_occurrences(batch["index"])
-        total, outer = self.model.statistics(self.model.embed(batch["image"][fresh]))
-        count = fresh.sum().double()
-        if self._stats is None:
-            self._stats = [total, outer, count]
-        else:
-            for accumulated, new in zip(self._stats, (total, outer, count), strict=True):
-                accumulated += new
+        embedding = self.model.embed(batch["image"][fresh])
+        total, outer = self._stats[:2] if self._stats else (None, None)
+        total, outer = self.model.accumulate(embedding, total, outer)
+        count = fresh.sum().double() + (self._stats[2] if self._stats else 0)
+        self._stats = [total, outer, count]
 
     def finish_fit(self) -> None:
         total, outer, count = self._stats

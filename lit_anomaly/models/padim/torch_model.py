@@ -45,22 +45,29 @@ class PaDiMModel(nn.Module):
         return torch.cat(features, dim=1).index_select(1, self.channel_index)
 
     @staticmethod
-    def statistics(embedding: Tensor) -> tuple[Tensor, Tensor]:
-        """Sufficient statistics of a batch in float64: sum (P, d) and sum of outer products (P, d, d)."""
+    def accumulate(embedding: Tensor, total: Tensor | None, outer: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Add a batch's sufficient statistics, in float64 and in place: sum (P, d) and sum of x x^T (P, d, d)."""
         x = embedding.flatten(2).permute(2, 0, 1).double()  # (P, B, d)
-        return x.sum(1), torch.bmm(x.transpose(1, 2), x)
+        if total is None:
+            return x.sum(1), torch.bmm(x.transpose(1, 2), x)
+        total += x.sum(1)
+        return total, outer.baddbmm_(x.transpose(1, 2), x)
 
-    def fit(self, total: Tensor, outer: Tensor, count: int) -> None:
-        """Gaussians from summed statistics of `count` images; covariance regularised by eps * I."""
+    def fit(self, total: Tensor, outer: Tensor, count: int, chunk: int = 1024) -> None:
+        """Gaussians from summed statistics of `count` images; covariance regularised by eps * I.
+
+        Works in place on `outer` and inverts in chunks of positions, so the float64 statistics are
+        never copied whole.
+        """
         if count < 2:
             raise ValueError(f"PaDiM needs at least 2 training images, got {count}")
         mean = total / count
-        covariance = (outer - count * mean[:, :, None] * mean[:, None, :]) / (count - 1)
-        covariance += self.covariance_eps * torch.eye(
-            covariance.shape[-1], dtype=covariance.dtype, device=covariance.device
-        )
+        covariance = outer.baddbmm_(mean[:, :, None], mean[:, None, :], alpha=-count).div_(count - 1)
+        covariance.diagonal(dim1=1, dim2=2).add_(self.covariance_eps)
         self.mean = mean.T.float().contiguous()  # (d, P)
-        self.inverse_covariance = torch.linalg.inv(covariance).float()  # batched over positions
+        self.inverse_covariance = torch.cat(
+            [torch.linalg.inv(covariance[i : i + chunk]).float() for i in range(0, len(covariance), chunk)]
+        )
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         embedding = self.embed(images)
