@@ -45,7 +45,6 @@ class PredictionWriter(BasePredictionWriter):
         category = getattr(datamodule, "category", "custom")
         split = getattr(datamodule, "predict_split", "predict")
         threshold = prediction["threshold"]
-        known = threshold == threshold
         lines = []
         for i, path in enumerate(prediction["path"]):
             score = float(prediction["score"][i])
@@ -55,8 +54,8 @@ class PredictionWriter(BasePredictionWriter):
                     "path": path,
                     "category": category,
                     "score": score,
-                    "threshold": threshold if known else None,
-                    "pred": int(score >= threshold) if known else None,
+                    "threshold": threshold,
+                    "pred": int(score >= threshold) if threshold is not None else None,
                 }
             )
             if self.save_maps:
@@ -64,14 +63,14 @@ class PredictionWriter(BasePredictionWriter):
         with self._lines_path(trainer).open("a") as stream:
             stream.writelines(json.dumps(line) + "\n" for line in lines)
 
-    def _write_map(self, path: Path, anomaly_map: Any, threshold: float, category: str, split: str) -> None:
+    def _write_map(self, path: Path, anomaly_map: Any, threshold: float | None, category: str, split: str) -> None:
         with Image.open(path) as image:
             width, height = image.size
         resized = F.interpolate(anomaly_map[None].float(), (height, width), mode="bilinear")[0, 0].cpu().numpy()
         maps_dir = self.output_dir / "anomaly_images" / category / split
         maps_dir.mkdir(parents=True, exist_ok=True)
         Image.fromarray(resized.astype(np.float32), mode="F").save(maps_dir / f"{path.stem}.tiff")
-        if threshold == threshold:
+        if threshold is not None:
             binary_dir = self.output_dir / "anomaly_images_thresholded" / category / split
             binary_dir.mkdir(parents=True, exist_ok=True)
             Image.fromarray(((resized >= threshold) * 255).astype(np.uint8)).save(binary_dir / f"{path.stem}.png")

@@ -106,6 +106,12 @@ class AnomalyModule(pl.LightningModule):
 
     # ---- fit and calibration ----------------------------------------------------------------
     @property
+    def calibrated_threshold(self) -> float | None:
+        """The threshold, or None before calibration (or when there were no calibration normals)."""
+        value = float(self.threshold)
+        return None if math.isnan(value) else value
+
+    @property
     def threshold_provenance(self) -> dict[str, Any]:
         return {
             "quantile": float(self.threshold_quantile),
@@ -201,15 +207,16 @@ class AnomalyModule(pl.LightningModule):
         )
         results = dict(zip(keys, (v.cpu() for v in values), strict=True), index=index.cpu())
         self._test = []
-        threshold = float(self.threshold)
-        metrics, notes = image_metrics(results["score"], results["label"], None if math.isnan(threshold) else threshold)
+        threshold = self.calibrated_threshold
+        metrics, notes = image_metrics(results["score"], results["label"], threshold)
         metrics.update(self.pixel_metrics(results, notes))
         self.test_metrics, self.test_notes = metrics, notes
         self.test_results = {k: results[k] for k in ("index", "score", "label")}
-        self.test_results["pred"] = (results["score"] >= threshold).long() if not math.isnan(threshold) else None
+        self.test_results["pred"] = (results["score"] >= threshold).long() if threshold is not None else None
         self.test_maps = {"map": results["map"], "mask": results["mask"]}
         logged = {f"test/{k}": v for k, v in metrics.items() if v is not None}
-        logged["test/threshold"] = threshold
+        if threshold is not None:
+            logged["test/threshold"] = threshold
         self.log_dict(logged, sync_dist=True)
 
     def pixel_metrics(self, results: dict[str, Tensor], notes: dict[str, str]) -> dict[str, float | None]:
@@ -227,7 +234,7 @@ class AnomalyModule(pl.LightningModule):
     # ---- predict ----------------------------------------------------------------------------
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         output = self(batch["image"])
-        threshold = float(self.threshold)
-        output["pred"] = output["score"] >= threshold if not math.isnan(threshold) else None
+        threshold = self.calibrated_threshold
+        output["pred"] = output["score"] >= threshold if threshold is not None else None
         output.update(index=batch["index"], path=batch["path"], threshold=threshold)
         return output

@@ -100,6 +100,8 @@ def _resolve_class(name: str, registry: Mapping[str, type], base: type, flag: st
 
 def as_spec(value: Any, registry: Mapping[str, type], base: type, flag: str) -> Spec:
     """A Spec from a name, a class, a LightningCLI-style {class_path, init_args} dict, or an instance."""
+    if isinstance(value, Spec):
+        return value
     if isinstance(value, base):
         init_args = {k: v for k, v in value.hparams.items() if not k.startswith("_")}  # LightningCLI's _class_path
         return Spec(type(value), init_args, value)
@@ -110,6 +112,14 @@ def as_spec(value: Any, registry: Mapping[str, type], base: type, flag: str) -> 
     if isinstance(value, Mapping) and "class_path" in value:
         return Spec(_resolve_class(value["class_path"], registry, base, flag), dict(value.get("init_args") or {}))
     raise ValueError(f"{flag} must be a name ({', '.join(registry)}), a class, a config dict or an instance")
+
+
+def model_spec(value: Any) -> Spec:
+    return as_spec(value, MODELS, AnomalyModule, "--model")
+
+
+def data_spec(value: Any) -> Spec:
+    return as_spec(value, DATAMODULES, AnomalyDataModule, "--data")
 
 
 def process_rank() -> int:
@@ -135,7 +145,7 @@ def make_trainer(trainer: Mapping[str, Any] | None, run_dir: Path | None, catego
 
 def _per_image_records(datamodule: AnomalyDataModule, module: AnomalyModule, category: str) -> list[dict[str, Any]]:
     samples = datamodule.samples("test")
-    results, threshold = module.test_results, float(module.threshold)
+    results, threshold = module.test_results, module.calibrated_threshold
     predictions = results["pred"].tolist() if results["pred"] is not None else [None] * len(results["index"])
     return [
         {
@@ -145,7 +155,7 @@ def _per_image_records(datamodule: AnomalyDataModule, module: AnomalyModule, cat
             "defect_type": samples[index].defect_type,
             "label": label,
             "score": score,
-            "threshold": threshold if threshold == threshold else None,
+            "threshold": threshold,
             "pred": pred,
         }
         for index, label, score, pred in zip(
@@ -192,12 +202,10 @@ def run_benchmark_category(
     run_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Fit, calibrate and test one category; returns its report dict with the per-image records under `records`."""
-    model_spec = model if isinstance(model, Spec) else as_spec(model, MODELS, AnomalyModule, "--model")
-    data_spec = data if isinstance(data, Spec) else as_spec(data, DATAMODULES, AnomalyDataModule, "--data")
     run_dir = Path(run_dir) if run_dir is not None else None
-    datamodule = data_spec.build(category=category)
+    datamodule = data_spec(data).build(category=category)
     datamodule.setup()
-    detector = model_spec.build()
+    detector = model_spec(model).build()
     lightning = make_trainer(trainer, run_dir, category)
     started = time.perf_counter()
     lightning.fit(detector, datamodule=datamodule)
@@ -207,18 +215,18 @@ def run_benchmark_category(
     if hasattr(datamodule, "spro_defects"):
         _add_spro(detector, datamodule)
     calibrate_s = detector.timing.get("calibrate_s", 0.0)
-    threshold = float(detector.threshold)
+    threshold = detector.calibrated_threshold
     records = _per_image_records(datamodule, detector, category)
     test = datamodule.samples("test")
     return {
         "category": category,
         "status": "ok",
         "error": None,
-        "threshold": threshold if threshold == threshold else None,
+        "threshold": threshold,
         "threshold_provenance": detector.threshold_provenance,
         "metrics": detector.test_metrics,
         "notes": detector.test_notes,
-        "metrics_by_defect_type": _by_defect_type(records, threshold if threshold == threshold else None),
+        "metrics_by_defect_type": _by_defect_type(records, threshold),
         "counts": {
             "train": len(datamodule.samples("train")),
             "calibration": len(datamodule.samples("calibration")),
@@ -249,20 +257,19 @@ def run_benchmark_all(
 
     Under DDP every rank walks the same categories in step; only global rank 0 writes files.
     """
-    model_spec = model if isinstance(model, Spec) else as_spec(model, MODELS, AnomalyModule, "--model")
-    data_spec = data if isinstance(data, Spec) else as_spec(data, DATAMODULES, AnomalyDataModule, "--data")
+    model, data = model_spec(model), data_spec(data)
     run = RunConfig(**run) if isinstance(run, Mapping) else run or RunConfig()
     is_zero = process_rank() == 0
     if run.output and not Path(run.output).expanduser().parent.is_dir():
         raise RunError(f"--run.output {run.output}: folder {Path(run.output).parent} does not exist")
     if run.resume:
-        folder = RunFolder.resume(run.resume, data_spec.name, model_spec.name, writable=is_zero and run.save)
+        folder = RunFolder.resume(run.resume, data.name, model.name, writable=is_zero and run.save)
     else:
-        folder = RunFolder.create(run.output_dir, run.parent_dir, data_spec.name, model_spec.name, is_zero and run.save)
+        folder = RunFolder.create(run.output_dir, run.parent_dir, data.name, model.name, is_zero and run.save)
     config = _plain(
         {
-            "model": model_spec.as_config(),
-            "data": data_spec.as_config(),
+            "model": model.as_config(),
+            "data": data.as_config(),
             "trainer": {k: v for k, v in (trainer or {}).items() if k not in ("callbacks", "logger")},
             "run": asdict(run),
         }
@@ -275,7 +282,7 @@ def run_benchmark_all(
     def report() -> dict[str, Any]:
         ordered = {c: per_category[c] for c in categories if c in per_category}
         run_dir = folder.path if run.save else None
-        return build_report(data_spec.name, model_spec.name, categories, ordered, run_dir, config, env)
+        return build_report(data.name, model.name, categories, ordered, run_dir, config, env)
 
     console = Console(stderr=True)
     with (
@@ -294,9 +301,7 @@ def run_benchmark_all(
             remaining = len(categories) - len(per_category)
             progress.update(task, description=f"{category} ({remaining} remaining)")
             try:
-                result = run_benchmark_category(
-                    model_spec, data_spec, category, trainer, folder.path if run.save else None
-                )
+                result = run_benchmark_category(model, data, category, trainer, folder.path if run.save else None)
                 records = result.pop("records")
             except Exception as error:  # recorded; the other categories still run
                 result, records = _failed(category, error), None
@@ -333,25 +338,24 @@ def run_benchmark(
     `model` and `data` are names, classes, {class_path, init_args} dicts or instances (each category
     gets a fresh copy); `category` defaults to the datamodule's own and may be "all".
     """
-    model_spec = as_spec(model, MODELS, AnomalyModule, "--model")
-    data_spec = as_spec(data, DATAMODULES, AnomalyDataModule, "--data")
-    category = category or data_spec.init_args.get("category") or ("custom" if data_spec.cls is Folder else None)
+    model, data = model_spec(model), data_spec(data)
+    category = category or data.init_args.get("category") or ("custom" if data.cls is Folder else None)
     if category is None:
         raise ValueError("--data.category is required: a category name or 'all'")
-    root = data_spec.init_args.get("root", inspect.signature(data_spec.cls).parameters["root"].default)
+    root = data.init_args.get("root", inspect.signature(data.cls).parameters["root"].default)
     if root is inspect.Parameter.empty:
         raise ValueError("--data.root is required")
     if category == "all":
-        if issubclass(data_spec.cls, Folder):
+        if issubclass(data.cls, Folder):
             raise DatasetError("--data.category all is not supported by Folder: a folder holds one category")
-        categories = data_spec.cls.categories(root)
+        categories = data.cls.categories(root)
     else:
-        if not issubclass(data_spec.cls, Folder):
-            valid = data_spec.cls.categories(root)
+        if not issubclass(data.cls, Folder):
+            valid = data.cls.categories(root)
             if category not in valid:
-                raise DatasetError(f"unknown {data_spec.name} category {category!r}; valid: {', '.join(valid)}")
+                raise DatasetError(f"unknown {data.name} category {category!r}; valid: {', '.join(valid)}")
         categories = [category]
-    if data_spec.instance is not None:  # a datamodule instance only carries init args; it is rebuilt per category
-        data_spec.instance = None
-    model_spec.instance = copy.deepcopy(model_spec.instance) if model_spec.instance is not None else None
-    return run_benchmark_all(model_spec, data_spec, categories, trainer, run, config_yaml)
+    if data.instance is not None:  # a datamodule instance only carries init args; it is rebuilt per category
+        data.instance = None
+    model.instance = copy.deepcopy(model.instance) if model.instance is not None else None
+    return run_benchmark_all(model, data, categories, trainer, run, config_yaml)
