@@ -98,6 +98,7 @@ def _cli(args: Sequence[str] | None) -> LitAnomalyCLI:
         trainer_class=AnomalyTrainer,
         trainer_defaults={k: v for k, v in TRAINER_DEFAULTS.items() if k != "enable_checkpointing"},
         save_config_callback=None,
+        seed_everything_default=0,
         auto_configure_optimizers=False,
         parser_kwargs={"exit_on_error": False, "description": "lit-anomaly: unsupervised visual anomaly detection"},
         args=args,
