@@ -64,6 +64,7 @@ def test_two_process_ddp_matches_one_device(ddp_root, tmp_path, model, category)
     ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
     distributed = run([*cli, *fit_test_args(ddp_root, model, tmp_path / "ddp", "--data.category", category, *ddp)])
     assert_same(single, distributed, tmp_path / "one", tmp_path / "ddp")
+    assert {r["hardware"]["world_size"] for r in distributed["per_category"].values()} == {2}
 
 
 def free_port() -> int:

@@ -234,6 +234,7 @@ def run_benchmark_category(
             "test_anomalous": sum(s.label == 1 for s in test),
         },
         "timing": {"fit_s": fitted - started - calibrate_s, "calibrate_s": calibrate_s, "test_s": tested - fitted},
+        "hardware": {"device": str(lightning.strategy.root_device), "world_size": lightning.world_size},
         "records": records,
     }
 
