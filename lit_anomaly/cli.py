@@ -49,7 +49,8 @@ class LitAnomalyCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand == FIT_TEST:
-            self._config_yaml = self.parser.dump(self.config, skip_none=False)
+            # the subcommand's own config, so `lit-anomaly fit+test --config config.yaml` reruns it
+            self._config_yaml = self._parser(FIT_TEST).dump(self.config[FIT_TEST], skip_none=False)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         trainer = super().instantiate_trainer(**kwargs)

@@ -3,6 +3,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lit_anomaly.cli import main
@@ -56,8 +57,9 @@ def test_single_category_writes_every_artifact(cli_root, tmp_path, capsys):
     assert len(records) == 8 and set(records[0]) == RECORD_KEYS
     assert sorted(r["index"] for r in records) == list(range(8))
     assert all(r["pred"] == int(r["score"] >= r["threshold"]) for r in records)
-    config = (out / "config.yaml").read_text()
-    assert "efficientnet_lite0" in config and "class_path" in config
+    config = yaml.safe_load((out / "config.yaml").read_text())  # the fit+test config: reusable with --config
+    assert config["model"]["init_args"]["backbone"] == "efficientnet_lite0"
+    assert config["data"]["init_args"]["category"] == "carpet" and config["run"]["output_dir"] == str(out)
     assert report["environment"]["packages"]["torch"]
     events = EventAccumulator(str(out / "tensorboard" / "carpet"), size_guidance={"images": 0, "histograms": 0})
     tags = events.Reload().Tags()
