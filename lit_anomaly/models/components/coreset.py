@@ -61,8 +61,9 @@ def _greedy_pruned(x: Tensor, n_select: int, start: int) -> Tensor:
     squared_norms = (x * x).sum(1)
     centres = torch.empty(n_select, dim)
     centre_norms = torch.empty(n_select)
-    assignment = torch.zeros(n, dtype=torch.long)
+    assignment = torch.zeros(n, dtype=torch.int32)
     min_distances = torch.full((n,), float("inf"))
+    bounds = torch.full((n,), float("inf"))  # 4 d(x, a) with the margin, kept in step with min_distances
     selected = torch.empty(n_select, dtype=torch.long)
     current = start
     for i in range(n_select):
@@ -72,19 +73,21 @@ def _greedy_pruned(x: Tensor, n_select: int, start: int) -> Tensor:
         rows = None
         if i > 0:
             to_centres = torch.addmv(centre_norms[:i], centres[:i], centre, alpha=-2.0).add_(centre_norms[i])
-            rows = torch.nonzero(to_centres[assignment] < min_distances * 4.004 + 1e-6).squeeze(1)
+            rows = torch.nonzero(to_centres.index_select(0, assignment) < bounds).squeeze(1)
             if len(rows) > n // 3:  # little to skip: a dense pass is cheaper than gathering rows
                 rows = None
         if rows is None:
             distances = torch.addmv(squared_norms, x, centre, alpha=-2.0).add_(centre_norms[i])
             closer = distances < min_distances
             min_distances = torch.where(closer, distances, min_distances)
+            bounds = min_distances * 4.004 + 1e-6
             assignment[closer] = i
         else:
             distances = torch.addmv(squared_norms[rows], x[rows], centre, alpha=-2.0).add_(centre_norms[i])
             closer = distances < min_distances[rows]
-            moved = rows[closer]
-            min_distances[moved] = distances[closer]
+            moved, captured = rows[closer], distances[closer]
+            min_distances[moved] = captured
+            bounds[moved] = captured * 4.004 + 1e-6
             assignment[moved] = i
         current = int(min_distances.argmax())
     return selected
