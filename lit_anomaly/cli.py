@@ -83,11 +83,14 @@ def _check_class_names(args: Sequence[str]) -> None:
 
 
 def _message(error: BaseException) -> str:
-    """The root cause's message: jsonargparse wraps a constructor's error in a long union report."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    text = str(error).strip()
-    return text if isinstance(error, DatasetError) else text.splitlines()[0] if text else type(error).__name__
+    """Our own error's message where there is one, else the root cause's: jsonargparse wraps a
+    constructor's error in a long union report."""
+    chain = [error]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    chosen = next((e for e in chain if isinstance(e, (DatasetError, WeightsError, RunError))), chain[-1])
+    text = str(chosen).strip()
+    return text if isinstance(chosen, DatasetError) else text.splitlines()[0] if text else type(chosen).__name__
 
 
 def _cli(args: Sequence[str] | None) -> LitAnomalyCLI:

@@ -176,3 +176,18 @@ def test_fit_then_predict_writes_scores_and_submission_maps(tmp_path, capsys):
     binary = out / "anomaly_images_thresholded" / "can" / "test_private" / "000_regular.png"
     with Image.open(binary) as thresholded:
         assert set(thresholded.getdata()) <= {0, 255}
+
+
+def test_offline_download_failure_is_one_actionable_line(cli_root, capsys, monkeypatch):
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.models, "get_model", offline)
+    args = args_for(cli_root, "--data.category", "tile")
+    args[args.index("efficientnet_lite0")] = "resnet18"
+    code, _, error = run_cli(capsys, args)
+    assert code == 2
+    assert "lit-anomaly: error: cannot download pretrained weights for 'resnet18'" in error
+    assert "--model.weights_path FILE" in error and "Traceback" not in error
