@@ -261,3 +261,13 @@ def test_float_batch_conversion():
     }
     out = to_float_batch(batch)
     assert out["image"].dtype == torch.float32 and out["image"].max() == 1.0 and out["mask"].dtype == torch.float32
+
+
+def test_predict_dir_needs_no_dataset_tree(tmp_path, family_roots):
+    incoming = family_roots["MVTecAD"] / "bottle" / "test"  # nested folders of images
+    dm = Folder(tmp_path / "not-here", predict_dir=incoming, num_workers=0, image_size=32)
+    dm.setup("predict")
+    labels = torch.cat([b["label"] for b in batches(dm, "predict")])
+    assert labels.tolist() == [-1] * 8
+    with pytest.raises(DatasetError, match="predict_dir"):
+        Folder(tmp_path, predict_dir=tmp_path / "none", num_workers=0).setup("predict")

@@ -266,7 +266,10 @@ class AnomalyDataModule(pl.LightningDataModule):
         )
 
     def setup(self, stage: str | None = None) -> None:
-        if self.splits:
+        if stage == "predict" and self.predict_dir is not None:
+            self.splits.setdefault("predict", self._predict_dir_samples())  # no dataset tree needed on the line
+            return
+        if "train" in self.splits:
             return
         self._check_category()
         train = self._train_samples()
@@ -279,15 +282,18 @@ class AnomalyDataModule(pl.LightningDataModule):
         test = self._test_samples()
         if self.limit_test is not None:
             test = limit_test_samples(test, self.limit_test, self.seed)
-        if self.predict_dir is not None:
-            predict = [
-                Sample(p, -1, "unknown")
-                for p in sorted(self.predict_dir.rglob("*"))
-                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-            ]
-        else:
-            predict = self._predict_samples()
+        predict = self._predict_dir_samples() if self.predict_dir is not None else self._predict_samples()
         self.splits = {"train": train, "calibration": calibration, "test": test, "predict": predict}
+
+    def _predict_dir_samples(self) -> list[Sample]:
+        if not self.predict_dir.is_dir():
+            raise DatasetError(f"--data.predict_dir {self.predict_dir} does not exist or is not a folder")
+        images = [
+            p for p in sorted(self.predict_dir.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        ]
+        if not images:
+            raise DatasetError(f"--data.predict_dir {self.predict_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        return [Sample(p, -1, "unknown") for p in images]
 
     def _train_folder(self) -> Path:
         return self.category_root / "train" / "good"
@@ -295,7 +301,8 @@ class AnomalyDataModule(pl.LightningDataModule):
     def samples(self, split: str) -> list[Sample]:
         if split not in SPLITS:
             raise DatasetError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
-        self.setup()
+        if split not in self.splits:
+            self.setup("predict" if split == "predict" else None)
         return self.splits[split]
 
     def dataloader(self, split: str) -> DataLoader:
