@@ -356,7 +356,6 @@ def run_benchmark(
             if category not in valid:
                 raise DatasetError(f"unknown {data.name} category {category!r}; valid: {', '.join(valid)}")
         categories = [category]
-    if data.instance is not None:  # a datamodule instance only carries init args; it is rebuilt per category
-        data.instance = None
+    data.instance = None  # a datamodule instance only carries init args: every category gets a fresh one
     model.instance = copy.deepcopy(model.instance) if model.instance is not None else None
     return run_benchmark_all(model, data, categories, trainer, run, config_yaml)

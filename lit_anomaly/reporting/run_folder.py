@@ -15,12 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..metrics.classification import IMAGE_KEYS, PIXEL_KEYS
 
 SCHEMA_VERSION = 1
-HEADLINE_METRICS = (
-    "image_auroc", "image_ap", "image_f1", "image_precision", "image_recall", "image_specificity",
-    "pixel_auroc", "pixel_aupro",
-)  # fmt: skip
+HEADLINE_METRICS = IMAGE_KEYS + PIXEL_KEYS
 
 
 class RunError(ValueError):
