@@ -10,6 +10,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from jsonargparse import ArgumentError
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.cli import LightningCLI
 
 from .callbacks import PredictionWriter
@@ -124,7 +125,7 @@ def main(args: Sequence[str] | None = None) -> int:
             warnings.filterwarnings("ignore", message=pattern)
         _check_class_names(args)
         cli = _cli(None if from_argv else args)
-    except (ArgumentError, ValueError, WeightsError, RunError, FileNotFoundError) as error:
+    except (ArgumentError, ValueError, WeightsError, RunError, FileNotFoundError, MisconfigurationException) as error:
         print(f"lit-anomaly: error: {_message(error)}", file=sys.stderr)
         return 2
     finally:

@@ -3,6 +3,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -191,3 +192,9 @@ def test_offline_download_failure_is_one_actionable_line(cli_root, capsys, monke
     assert code == 2
     assert "lit-anomaly: error: cannot download pretrained weights for 'resnet18'" in error
     assert "--model.weights_path FILE" in error and "Traceback" not in error
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_missing_accelerator_is_one_line(cli_root, capsys):
+    code, _, error = run_cli(capsys, args_for(cli_root, "--data.category", "tile", "--trainer.accelerator", "gpu"))
+    assert code == 2 and "lit-anomaly: error: No supported gpu backend found" in error and "Traceback" not in error
