@@ -9,6 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lit_anomaly.cli import main
 from lit_anomaly.data import write_synthetic
+from lit_anomaly.models import PatchCore
 from lit_anomaly.reporting import HEADLINE_METRICS
 
 REPORT_KEYS = {
@@ -71,9 +72,8 @@ def test_single_category_writes_every_artifact(cli_root, tmp_path, capsys):
 
 def test_all_categories_aggregate_and_output_copy(cli_root, tmp_path, capsys):
     out, copy = tmp_path / "run", tmp_path / "summary.json"
-    code, report, _ = run_cli(
-        capsys, args_for(cli_root, "--data.category", "all", "--run.output_dir", str(out), "--run.output", str(copy))
-    )
+    extra = ["--run.output_dir", str(out), "--run.output", str(copy), "--run.checkpoints", "true"]
+    code, report, _ = run_cli(capsys, args_for(cli_root, "--data.category", "all", *extra))
     assert code == 0 and report["categories"] == ["carpet", "tile"]
     values = [report["per_category"][c]["metrics"]["image_ap"] for c in ("carpet", "tile")]
     mean = sum(values) / 2
@@ -82,6 +82,8 @@ def test_all_categories_aggregate_and_output_copy(cli_root, tmp_path, capsys):
     assert json.loads(copy.read_text()) == report
     for category in ("carpet", "tile"):
         assert len((out / "categories" / category / "per_image.jsonl").read_text().splitlines()) == 8
+        detector = PatchCore.load_from_checkpoint(out / "categories" / category / "detector.ckpt", pretrained=False)
+        assert detector.calibrated_threshold == pytest.approx(report["per_category"][category]["threshold"])
 
 
 def test_default_run_folder_is_named_and_never_reused(cli_root, tmp_path, capsys, monkeypatch):

@@ -52,7 +52,8 @@ QUIET = (  # Lightning advice that does not apply to one-pass, optimiser-free de
 class RunConfig:
     """Where results go. output_dir: exactly this folder (default runs/<time>_<dataset>_<model>);
     save: write the run folder; per_image_jsonl: write per-image records; output: copy of the top-level
-    report at this path; resume: re-use this run folder and skip categories finished there."""
+    report at this path; resume: re-use this run folder and skip categories finished there;
+    checkpoints: also save each category's fitted detector (threshold inside) as detector.ckpt."""
 
     output_dir: str | None = None
     save: bool = True
@@ -60,6 +61,7 @@ class RunConfig:
     output: str | None = None
     resume: str | None = None
     parent_dir: str = "runs"
+    checkpoints: bool = False
 
 
 @dataclass
@@ -200,8 +202,11 @@ def run_benchmark_category(
     category: str,
     trainer: Mapping[str, Any] | None = None,
     run_dir: str | Path | None = None,
+    checkpoint: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Fit, calibrate and test one category; returns its report dict with the per-image records under `records`."""
+    """Fit, calibrate and test one category; returns its report dict with the per-image records under `records`.
+
+    With `checkpoint`, the fitted and calibrated detector is saved there before testing."""
     run_dir = Path(run_dir) if run_dir is not None else None
     datamodule = data_spec(data).build(category=category)
     datamodule.setup()
@@ -210,6 +215,8 @@ def run_benchmark_category(
     started = time.perf_counter()
     lightning.fit(detector, datamodule=datamodule)
     fitted = time.perf_counter()
+    if checkpoint is not None:
+        lightning.save_checkpoint(checkpoint)  # every rank calls it; rank 0 writes
     lightning.test(detector, datamodule=datamodule, verbose=False)
     tested = time.perf_counter()
     if hasattr(datamodule, "spro_defects"):
@@ -302,7 +309,10 @@ def run_benchmark_all(
             remaining = len(categories) - len(per_category)
             progress.update(task, description=f"{category} ({remaining} remaining)")
             try:
-                result = run_benchmark_category(model, data, category, trainer, folder.path if run.save else None)
+                checkpoint = folder.category_dir(category) / "detector.ckpt" if run.save and run.checkpoints else None
+                result = run_benchmark_category(
+                    model, data, category, trainer, folder.path if run.save else None, checkpoint
+                )
                 records = result.pop("records")
             except Exception as error:  # recorded; the other categories still run
                 result, records = _failed(category, error), None
