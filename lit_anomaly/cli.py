@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -112,8 +113,6 @@ def _cli(args: Sequence[str] | None) -> LitAnomalyCLI:
 
 def main(args: Sequence[str] | None = None) -> int:
     """Entry point; stdout carries exactly one JSON document (fit+test), everything else goes to stderr."""
-    import warnings
-
     from_argv = args is None
     args = list(sys.argv[1:] if args is None else args)
     json_stream = sys.stdout

@@ -132,8 +132,13 @@ def process_rank() -> int:
     return int(os.environ.get("NODE_RANK", 0)) * 100_000 + int(os.environ.get("LOCAL_RANK", 0))
 
 
+def trainer_kwargs(trainer: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Our defaults under the caller's Trainer arguments (LightningCLI passes unset ones as None)."""
+    return {**TRAINER_DEFAULTS, **{k: v for k, v in (trainer or {}).items() if v is not None}}
+
+
 def make_trainer(trainer: Mapping[str, Any] | None, run_dir: Path | None, category: str) -> pl.Trainer:
-    kwargs = {**TRAINER_DEFAULTS, **{k: v for k, v in (trainer or {}).items() if v is not None}}
+    kwargs = trainer_kwargs(trainer)
     callbacks = list(kwargs.pop("callbacks", None) or [])
     logger = kwargs.pop("logger", True)
     if run_dir is not None and logger is True:
@@ -284,12 +289,12 @@ def run_benchmark_all(
     )
     if config_yaml is None:
         config_yaml = yaml.safe_dump(config, sort_keys=False)
-    env = environment(device=str(TRAINER_DEFAULTS["accelerator"] if not trainer else trainer.get("accelerator")))
+    env = environment(device=str(trainer_kwargs(trainer)["accelerator"]))
+    run_dir = folder.path if run.save else None
     per_category = folder.finished(categories) if run.resume else {}
 
     def report() -> dict[str, Any]:
         ordered = {c: per_category[c] for c in categories if c in per_category}
-        run_dir = folder.path if run.save else None
         return build_report(data.name, model.name, categories, ordered, run_dir, config, env)
 
     console = Console(stderr=True)
@@ -309,10 +314,8 @@ def run_benchmark_all(
             remaining = len(categories) - len(per_category)
             progress.update(task, description=f"{category} ({remaining} remaining)")
             try:
-                checkpoint = folder.category_dir(category) / "detector.ckpt" if run.save and run.checkpoints else None
-                result = run_benchmark_category(
-                    model, data, category, trainer, folder.path if run.save else None, checkpoint
-                )
+                checkpoint = folder.category_dir(category) / "detector.ckpt" if run_dir and run.checkpoints else None
+                result = run_benchmark_category(model, data, category, trainer, run_dir, checkpoint)
                 records = result.pop("records")
             except Exception as error:  # recorded; the other categories still run
                 result, records = _failed(category, error), None
@@ -350,12 +353,12 @@ def run_benchmark(
     gets a fresh copy); `category` defaults to the datamodule's own and may be "all".
     """
     model, data = model_spec(model), data_spec(data)
-    category = category or data.init_args.get("category") or ("custom" if data.cls is Folder else None)
-    if category is None:
-        raise ValueError("--data.category is required: a category name or 'all'")
-    root = data.init_args.get("root", inspect.signature(data.cls).parameters["root"].default)
-    if root is inspect.Parameter.empty:
-        raise ValueError("--data.root is required")
+    defaults = inspect.signature(data.cls).parameters  # Folder's category, the demo's root
+    category = category or data.init_args.get("category", defaults["category"].default)
+    root = data.init_args.get("root", defaults["root"].default)
+    for flag, value in (("--data.category", category), ("--data.root", root)):
+        if value is inspect.Parameter.empty or value is None:
+            raise ValueError(f"{flag} is required")
     if category == "all":
         if issubclass(data.cls, Folder):
             raise DatasetError("--data.category all is not supported by Folder: a folder holds one category")

@@ -38,11 +38,9 @@ class PaDiM(AnomalyModule):
 
     def learn(self, batch: dict[str, Any]) -> None:
         fresh = self.first_occurrences(batch["index"])
-        embedding = self.model.embed(batch["image"][fresh])
-        total, outer = self._stats[:2] if self._stats else (None, None)
-        total, outer = self.model.accumulate(embedding, total, outer)
-        count = fresh.sum().double() + (self._stats[2] if self._stats else 0)
-        self._stats = [total, outer, count]
+        total, outer, count = self._stats or (None, None, 0)
+        total, outer = self.model.accumulate(self.model.embed(batch["image"][fresh]), total, outer)
+        self._stats = [total, outer, count + fresh.sum().double()]
 
     def finish_fit(self) -> None:
         total, outer, count = self._stats
