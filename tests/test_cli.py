@@ -42,15 +42,21 @@ def run_cli(capsys, args) -> tuple[int, dict | None, str]:
 
 def test_single_category_writes_every_artifact(cli_root, tmp_path, capsys):
     out = tmp_path / "run"
-    code, report, _ = run_cli(capsys, args_for(cli_root, "--data.category", "carpet", "--run.output_dir", str(out)))
+    code, report, err = run_cli(capsys, args_for(cli_root, "--data.category", "carpet", "--run.output_dir", str(out)))
     assert code == 0
     assert set(report) == REPORT_KEYS and report["categories"] == ["carpet"]
     assert json.loads((out / "report.json").read_text()) == report
     category = report["per_category"]["carpet"]
     assert set(category) >= CATEGORY_KEYS and category["status"] == "ok"
     assert set(category["metrics"]) == set(HEADLINE_METRICS) and category["metrics"]["image_auroc"] >= 0.9
-    assert category["counts"] == {"train": 11, "calibration": 1, "test": 8, "test_anomalous": 4}
-    assert category["threshold_provenance"]["split"] == "calibration" and category["threshold_provenance"]["n"] == 1
+    assert category["counts"] == {"train": 12, "calibration": 12, "test": 8, "test_anomalous": 4}
+    provenance = category["threshold_provenance"]  # q = 0.995 needs 199 normals: the largest of 12 scores
+    assert {k: provenance[k] for k in ("quantile", "method", "n", "rank", "normals_needed")} == {
+        "quantile": 0.995, "method": "leave-one-out", "n": 12, "rank": 12, "normals_needed": 199,
+    }  # fmt: skip
+    assert provenance["false_alarm_bound"] == pytest.approx(1 / 13)
+    warnings = [line for line in err.splitlines() if line.startswith("lit-anomaly: warning: carpet:")]
+    assert len(warnings) == 1 and "199" in warnings[0]
     assert set(category["timing"]) == {"fit_s", "calibrate_s", "test_s"}
     assert json.loads((out / "categories" / "carpet" / "report.json").read_text())["threshold"] == category["threshold"]
     records = [

@@ -17,14 +17,15 @@ CLASSES = {
     "VisA": VisA,
     "Folder": Folder,
 }
-# family -> (category, train, calibration, test, defect types)
+# family -> (category, train, calibration, test, defect types); no hold-out by default, so only the
+# families with their own validation/good have a calibration split
 EXPECTED = {
-    "MVTecAD": ("bottle", 9, 1, 8, {"good", "scratch", "stain"}),
+    "MVTecAD": ("bottle", 10, 0, 8, {"good", "scratch", "stain"}),
     "MVTecAD2": ("can", 10, 2, 8, {"good", "bad"}),
     "MVTecLOCO": ("juice_bottle", 10, 2, 8, {"good", "logical_anomalies", "structural_anomalies"}),
-    "BTAD": ("01", 9, 1, 8, {"good", "ko"}),
-    "VisA": ("candle", 9, 1, 8, {"good", "anomaly"}),
-    "Folder": ("custom", 9, 1, 8, {"good", "scratch", "stain"}),
+    "BTAD": ("01", 10, 0, 8, {"good", "ko"}),
+    "VisA": ("candle", 10, 0, 8, {"good", "anomaly"}),
+    "Folder": ("custom", 10, 0, 8, {"good", "scratch", "stain"}),
 }
 
 
@@ -154,6 +155,9 @@ def test_calibration_hold_out_is_seeded(family_roots):
     assert split(0) == split(0)
     assert len(split(0)) == 3
     assert any(split(0) != split(s) for s in range(1, 5))
+    held_out = make("MVTecAD", root, calibration_fraction=0.3)
+    assert held_out.calibration_source == "hold-out" and make("MVTecAD", root).calibration_source is None
+    assert make("MVTecLOCO", family_roots["MVTecLOCO"]).calibration_source == "validation"
 
 
 def test_limits_are_deterministic_and_keep_both_labels(family_roots):
@@ -250,6 +254,8 @@ def test_folder_rejects_all(family_roots):
 def test_bad_arguments(family_roots):
     with pytest.raises(DatasetError, match="calibration_fraction"):
         make("MVTecAD", family_roots["MVTecAD"], calibration_fraction=1.5)
+    with pytest.raises(DatasetError, match="leaving none to fit on"):  # 0.99 of 10 images holds out all 10
+        make("MVTecAD", family_roots["MVTecAD"], calibration_fraction=0.99).setup()
     with pytest.raises(DatasetError, match="limit_test"):
         make("MVTecAD", family_roots["MVTecAD"], limit_test=0)
 

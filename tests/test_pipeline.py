@@ -36,7 +36,9 @@ def test_loco_reports_spro_and_logical_structural_separately(loco_root, tmp_path
     assert result["status"] == "ok", result["error"]
     assert 0.0 < result["metrics"]["pixel_spro"] <= 1.0
     assert set(result["metrics_by_defect_type"]) == {"logical_anomalies", "structural_anomalies"}
-    assert result["counts"]["calibration"] == 3  # LOCO's own validation/good
+    assert result["counts"] == {"train": 15, "calibration": 18, "test": 14, "test_anomalous": 8}
+    # every train normal scored out of sample, plus LOCO's own validation/good scored by the final model
+    assert result["threshold_provenance"]["method"] == "leave-one-out+validation"
 
 
 def test_loco_saturation_areas(loco_root):

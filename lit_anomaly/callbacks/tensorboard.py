@@ -48,23 +48,23 @@ class TensorBoardArtifacts(pl.Callback):
                 return logger.experiment
         return None
 
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         writer = self._writer(trainer)
-        if writer is None or trainer.sanity_checking or not trainer.is_global_zero:
+        calibration = pl_module.calibration
+        if writer is None or not trainer.is_global_zero or calibration is None or calibration.n == 0:
             return
-        if len(pl_module.calibration_scores):
-            writer.add_histogram("calibration/scores", pl_module.calibration_scores, trainer.current_epoch)
+        writer.add_histogram("calibration/scores", calibration.scores, trainer.current_epoch)
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         writer = self._writer(trainer)
-        results = pl_module.test_results
-        if writer is None or not trainer.is_global_zero or not results:
+        result = pl_module.test_result
+        if writer is None or not trainer.is_global_zero or result is None:
             return
-        scores, labels = results["score"].float(), results["label"]
+        scores, labels = result.score.float(), result.label
         for name, label in (("normal", 0), ("anomalous", 1)):
             if (labels == label).any():
                 writer.add_histogram(f"test/scores_{name}", scores[labels == label], 0)
-        maps, masks = pl_module.test_maps["map"], pl_module.test_maps["mask"]
+        maps, masks = result.maps, result.masks
         low, high = float(maps.min()), float(maps.max())
         dataset = AnomalyDataset(trainer.datamodule.samples("test"), (self.image_size, self.image_size))
         for tag, label, descending in (("highest_scoring_normals", 0, True), ("lowest_scoring_anomalies", 1, False)):
@@ -73,6 +73,6 @@ class TensorBoardArtifacts(pl.Callback):
                 continue
             order = scores[positions].argsort(descending=descending)[: self.num_images]
             chosen = positions[order]
-            images = torch.stack([dataset[int(results["index"][p])]["image"] for p in chosen]).float() / 255
+            images = torch.stack([dataset[int(result.index[p])]["image"] for p in chosen]).float() / 255
             writer.add_images(f"test/{tag}", overlay(images, maps[chosen], masks[chosen], low, high), 0)
         writer.flush()

@@ -179,7 +179,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         num_workers: int = 4,
         limit_train: int | None = None,
         limit_test: int | None = None,
-        calibration_fraction: float = 0.1,
+        calibration_fraction: float = 0.0,
         seed: int = 0,
         predict_dir: str | Path | None = None,
     ) -> None:
@@ -252,13 +252,25 @@ class AnomalyDataModule(pl.LightningDataModule):
                 f"unknown {type(self).__name__} category {self.category!r} under {self.root}; valid: {', '.join(valid)}"
             )
 
+    @property
+    def calibration_source(self) -> str | None:
+        """What the calibration split holds: "validation" (the family's own normals), "hold-out" or None."""
+        if not self.samples("calibration"):
+            return None
+        return "hold-out" if self.calibration_fraction > 0 and not self._calibration_samples() else "validation"
+
     def _split_calibration(self, train: list[Sample]) -> tuple[list[Sample], list[Sample]]:
         own = self._calibration_samples()
         if own:
             return train, own
-        if self.calibration_fraction == 0 or len(train) < 2:
+        if self.calibration_fraction == 0:
             return train, []
         n_calibration = max(1, round(self.calibration_fraction * len(train)))
+        if n_calibration >= len(train):
+            raise DatasetError(
+                f"--data.calibration_fraction {self.calibration_fraction} holds out {n_calibration} of the "
+                f"{len(train)} train images in {self._train_folder()}, leaving none to fit on"
+            )
         held_out = set(random.Random(self.seed).sample(range(len(train)), n_calibration))
         return (
             [s for i, s in enumerate(train) if i not in held_out],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
@@ -12,7 +13,8 @@ import torch.nn.functional as F
 from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
 from torch import Tensor
 
-from ..metrics import aupro, image_metrics, pixel_auroc, quantile_threshold, resolve_quantile
+from ..metrics import aupro, image_metrics, pixel_auroc, resolve_quantile
+from ..metrics.calibration import SPLIT, TRAIN, Calibration, ThresholdCalibrator
 
 
 class FrozenDDPStrategy(DDPStrategy):
@@ -51,13 +53,48 @@ def gather_by_index(module: pl.LightningModule, index: Tensor, *values: Tensor) 
     return (index[first], *(v[order][first] for v in values))
 
 
-class AnomalyModule(pl.LightningModule):
-    """Shared lifecycle; a detector provides `learn`, `finish_fit` and `forward` only.
+def parse_calibration(value: str) -> tuple[str, int]:
+    """`--model.calibration`: ("leave-one-out", 0), ("k-fold", K) or ("none", 0)."""
+    name, _, folds = value.partition(":")
+    if name in ("leave-one-out", "none") and not folds:
+        return name, 0
+    if name == "k-fold" and folds.isdigit() and int(folds) >= 2:
+        return name, int(folds)
+    raise ValueError(f"--model.calibration must be leave-one-out, k-fold:K (K >= 2) or none, got {value!r}")
 
-    fit: `learn` sees every train batch; at the end of the epoch `finish_fit` builds the model
-    (memory bank, Gaussians); the validation loop then scores the held-out calibration normals
-    and stores threshold = quantile(scores, q) with its provenance as buffers, so checkpoints carry it.
-    test: image and pixel metrics on raw scores, per-image results in `test_results`.
+
+def fold_assignment(n: int, folds: int, seed: int = 0) -> Tensor:
+    """Fold (0 .. folds - 1) of each of n images: a seeded shuffle dealt round-robin, sizes within one."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    assignment = torch.empty(n, dtype=torch.long)
+    assignment[order] = torch.arange(n) % folds
+    return assignment
+
+
+@dataclass
+class TestResult:
+    """What a test epoch produced, gathered over ranks and sorted by test index."""
+
+    index: Tensor
+    score: Tensor  # float64, raw scale
+    label: Tensor
+    pred: Tensor | None  # score >= threshold, None without a threshold
+    maps: Tensor  # (N, H, W) at the evaluation resolution
+    masks: Tensor  # (N, H, W) bool
+    metrics: dict[str, float | None]
+    notes: dict[str, str]
+
+
+class AnomalyModule(pl.LightningModule):
+    """Shared lifecycle; a detector provides `learn`, `finish_fit`, `forward` and, to calibrate on its
+    own train normals, `out_of_sample_scores`.
+
+    fit: `learn` sees every train batch; `finish_fit` builds the model (memory bank, Gaussians) and
+    the detector scores every train normal with a model that did not see it (leave-one-out or
+    k-fold). The validation loop scores held-out or validation normals, if the data has any, with the
+    final model. All these scores calibrate the threshold by the rank rule (`ThresholdCalibrator`);
+    the result is `self.calibration`, and the threshold is a buffer, so checkpoints carry it.
+    test: image and pixel metrics on raw scores, returned as `self.test_result`.
     """
 
     trains_with_gradients = False  # memory-bank detectors: one pass over train, no optimiser
@@ -66,23 +103,21 @@ class AnomalyModule(pl.LightningModule):
         self,
         calibration_quantile: float | None = None,
         contamination: float | None = None,
+        calibration: str = "leave-one-out",
         pixel_eval_size: int | None = None,
         aupro_fpr_limit: float = 0.3,
     ) -> None:
         super().__init__()
         self.quantile = resolve_quantile(calibration_quantile, contamination)
+        self.train_scoring, self.folds = parse_calibration(calibration)
         self.pixel_eval_size = pixel_eval_size
         self.aupro_fpr_limit = aupro_fpr_limit
         self.automatic_optimization = self.trains_with_gradients
+        self.calibrator = ThresholdCalibrator(self.quantile)
         self.register_buffer("threshold", torch.tensor(math.nan, dtype=torch.float64))
-        self.register_buffer("threshold_quantile", torch.tensor(self.quantile, dtype=torch.float64))
-        self.register_buffer("threshold_count", torch.tensor(0, dtype=torch.long))
         self.register_buffer("fitted", torch.tensor(False))
-        self.test_results: dict[str, Tensor] = {}
-        self.test_metrics: dict[str, float | None] = {}
-        self.test_notes: dict[str, str] = {}
-        self.calibration_scores = torch.empty(0)
-        self.timing: dict[str, float] = {}
+        self.calibration: Calibration | None = None
+        self.test_result: TestResult | None = None
 
     # ---- what a detector provides -----------------------------------------------------------
     def learn(self, batch: dict[str, Any]) -> None:
@@ -95,6 +130,16 @@ class AnomalyModule(pl.LightningModule):
         """{"score": (B,), "anomaly_map": (B, 1, H, W)} on raw scales."""
         raise NotImplementedError
 
+    def out_of_sample_scores(self, method: str, folds: int) -> tuple[Tensor, Tensor]:
+        """(train index, score) of this rank's share of train normals, each scored by a model that did not
+        see it (`method` leave-one-out or k-fold with `folds` folds). Called right after `finish_fit`."""
+        raise NotImplementedError(f"{type(self).__name__} cannot score its train images out of sample")
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.calibration is not None:
+            checkpoint["calibration"] = self.calibration.state()
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Fitted buffers (memory bank, Gaussians) have data-dependent shapes: take the checkpoint's."""
         state = checkpoint["state_dict"]
@@ -103,6 +148,8 @@ class AnomalyModule(pl.LightningModule):
                 owner_name, _, attribute = name.rpartition(".")
                 owner = self.get_submodule(owner_name) if owner_name else self
                 owner.register_buffer(attribute, torch.empty_like(state[name], device=buffer.device))
+        if "calibration" in checkpoint:
+            self.calibration = Calibration.from_state(checkpoint["calibration"])
 
     # ---- fit and calibration ----------------------------------------------------------------
     @property
@@ -112,13 +159,8 @@ class AnomalyModule(pl.LightningModule):
         return None if math.isnan(value) else value
 
     @property
-    def threshold_provenance(self) -> dict[str, Any]:
-        return {
-            "quantile": float(self.threshold_quantile),
-            "source": "quantile of detector scores on held-out normal images",
-            "split": "calibration",
-            "n": int(self.threshold_count),
-        }
+    def threshold_provenance(self) -> dict[str, Any] | None:
+        return self.calibration.provenance() if self.calibration is not None else None
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and not self.trains_with_gradients:
@@ -129,6 +171,8 @@ class AnomalyModule(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.fitted.fill_(False)
+        self.calibrator.reset()
+        self._calibration_seconds = 0.0
         self._seen_indices: set[int] = set()
 
     def first_occurrences(self, index: Tensor) -> Tensor:
@@ -149,33 +193,42 @@ class AnomalyModule(pl.LightningModule):
             self.learn(batch)
 
     def _finish_fit_once(self) -> None:
-        if not bool(self.fitted):
+        if bool(self.fitted):
+            return
+        with torch.no_grad():
             self.finish_fit()
             self.fitted.fill_(True)
+            started = time.perf_counter()
+            empty = torch.empty(0, device=self.device)
+            index, scores = (empty.long(), empty)
+            if self.train_scoring != "none":
+                index, scores = self.out_of_sample_scores(self.train_scoring, self.folds)
+            self.calibrator.update(scores, index, TRAIN)  # every rank updates, even with nothing
+            self._calibration_seconds += time.perf_counter() - started
 
     def on_validation_epoch_start(self) -> None:
-        self._calibration: list[tuple[Tensor, Tensor]] = []
         if not self.trainer.sanity_checking:
             self._finish_fit_once()  # validation runs before on_train_epoch_end
-            self._calibration_started = time.perf_counter()
+            self._validation_started = time.perf_counter()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if not self.trainer.sanity_checking:
-            self._calibration.append((batch["index"], self(batch["image"])["score"]))
+            self.calibrator.update(self(batch["image"])["score"], batch["index"], SPLIT)
 
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking or not self._calibration:
-            return
-        index, scores = (torch.cat(parts) for parts in zip(*self._calibration, strict=True))
-        _, scores = gather_by_index(self, index, scores)
-        self.calibration_scores = scores.detach().cpu()
-        self.threshold.fill_(quantile_threshold(scores, self.quantile))
-        self.threshold_count.fill_(len(scores))
-        self.timing["calibrate_s"] = time.perf_counter() - self._calibration_started
-        self.log("threshold", float(self.threshold), sync_dist=True)
+        if not self.trainer.sanity_checking:
+            self._calibration_seconds += time.perf_counter() - self._validation_started
 
     def on_train_epoch_end(self) -> None:
         self._finish_fit_once()  # when there is no calibration split, validation never ran
+        train_method = self.train_scoring if self.folds == 0 else f"{self.train_scoring}:{self.folds}"
+        split_method = getattr(self.trainer.datamodule, "calibration_source", None) or "hold-out"
+        calibration = self.calibrator.compute(train_method, split_method)
+        calibration.seconds = self._calibration_seconds
+        self.calibration = calibration
+        self.threshold.fill_(math.nan if calibration.threshold is None else calibration.threshold)
+        if calibration.threshold is not None:
+            self.log("threshold", calibration.threshold, sync_dist=True)
 
     # ---- test -------------------------------------------------------------------------------
     def on_test_epoch_start(self) -> None:
@@ -210,10 +263,11 @@ class AnomalyModule(pl.LightningModule):
         threshold = self.calibrated_threshold
         metrics, notes = image_metrics(results["score"], results["label"], threshold)
         metrics.update(self.pixel_metrics(results, notes))
-        self.test_metrics, self.test_notes = metrics, notes
-        self.test_results = {k: results[k] for k in ("index", "score", "label")}
-        self.test_results["pred"] = (results["score"] >= threshold).long() if threshold is not None else None
-        self.test_maps = {"map": results["map"], "mask": results["mask"]}
+        self.test_result = TestResult(
+            index=results["index"], score=results["score"], label=results["label"],
+            pred=(results["score"] >= threshold).long() if threshold is not None else None,
+            maps=results["map"], masks=results["mask"], metrics=metrics, notes=notes,
+        )  # fmt: skip
         logged = {f"test/{k}": v for k, v in metrics.items() if v is not None}
         if threshold is not None:
             logged["test/threshold"] = threshold

@@ -6,6 +6,7 @@ import copy
 import importlib
 import inspect
 import os
+import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,7 @@ from ..callbacks import TensorBoardArtifacts
 from ..data import DATAMODULES, AnomalyDataModule, DatasetError, Folder
 from ..metrics import au_spro, image_metrics
 from ..models import MODELS, AnomalyModule
+from ..models.base import TestResult
 from ..reporting import RunError, RunFolder, build_report, environment
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -150,10 +152,11 @@ def make_trainer(trainer: Mapping[str, Any] | None, run_dir: Path | None, catego
     return pl.Trainer(logger=logger, callbacks=callbacks, **kwargs)
 
 
-def _per_image_records(datamodule: AnomalyDataModule, module: AnomalyModule, category: str) -> list[dict[str, Any]]:
+def _per_image_records(
+    datamodule: AnomalyDataModule, result: TestResult, threshold: float | None, category: str
+) -> list[dict[str, Any]]:
     samples = datamodule.samples("test")
-    results, threshold = module.test_results, module.calibrated_threshold
-    predictions = results["pred"].tolist() if results["pred"] is not None else [None] * len(results["index"])
+    predictions = result.pred.tolist() if result.pred is not None else [None] * len(result.index)
     return [
         {
             "index": index,
@@ -166,7 +169,7 @@ def _per_image_records(datamodule: AnomalyDataModule, module: AnomalyModule, cat
             "pred": pred,
         }
         for index, label, score, pred in zip(
-            results["index"].tolist(), results["label"].tolist(), results["score"].tolist(), predictions, strict=True
+            result.index.tolist(), result.label.tolist(), result.score.tolist(), predictions, strict=True
         )
     ]
 
@@ -183,22 +186,18 @@ def _by_defect_type(records: list[dict[str, Any]], threshold: float | None) -> d
     return out
 
 
-def _add_spro(detector: AnomalyModule, datamodule: Any, fpr_limit: float = 0.05) -> None:
-    """MVTec LOCO's AU-sPRO (FPR limit 0.05 as in the LOCO paper) from the gathered test maps."""
-    maps, index = detector.test_maps["map"], detector.test_results["index"]
-    position = {int(i): p for p, i in enumerate(index.tolist())}
+def _spro(result: TestResult, datamodule: Any, fpr_limit: float = 0.05) -> tuple[float | None, str | None]:
+    """MVTec LOCO's AU-sPRO (FPR limit 0.05 as in the LOCO paper) from the gathered test maps, or (None, why)."""
+    position = {int(i): p for p, i in enumerate(result.index.tolist())}
     try:
-        by_image = datamodule.spro_defects(tuple(maps.shape[-2:]))
+        by_image = datamodule.spro_defects(tuple(result.maps.shape[-2:]))
     except DatasetError as error:
-        detector.test_metrics["pixel_spro"], detector.test_notes["pixel_spro"] = None, str(error)
-        return
+        return None, str(error)
     defects = [(position[i], mask, area) for i, found in by_image.items() if i in position for mask, area in found]
-    good = [p for p, label in enumerate(detector.test_results["label"].tolist()) if label == 0]
+    good = [p for p, label in enumerate(result.label.tolist()) if label == 0]
     if not defects or not good:
-        detector.test_metrics["pixel_spro"] = None
-        detector.test_notes["pixel_spro"] = "needs annotated defects and good test images"
-        return
-    detector.test_metrics["pixel_spro"] = au_spro(maps, defects, good, fpr_limit)
+        return None, "needs annotated defects and good test images"
+    return au_spro(result.maps, defects, good, fpr_limit), None
 
 
 def run_benchmark_category(
@@ -220,32 +219,41 @@ def run_benchmark_category(
     started = time.perf_counter()
     lightning.fit(detector, datamodule=datamodule)
     fitted = time.perf_counter()
+    calibration = detector.calibration
+    if lightning.is_global_zero and (shortfall := calibration.shortfall_message()):
+        print(f"lit-anomaly: warning: {category}: {shortfall}", file=sys.stderr)
     if checkpoint is not None:
         lightning.save_checkpoint(checkpoint)  # every rank calls it; rank 0 writes
     lightning.test(detector, datamodule=datamodule, verbose=False)
     tested = time.perf_counter()
+    result = detector.test_result
+    metrics, notes = dict(result.metrics), dict(result.notes)
     if hasattr(datamodule, "spro_defects"):
-        _add_spro(detector, datamodule)
-    calibrate_s = detector.timing.get("calibrate_s", 0.0)
-    threshold = detector.calibrated_threshold
-    records = _per_image_records(datamodule, detector, category)
+        metrics["pixel_spro"], why = _spro(result, datamodule)
+        if why:
+            notes["pixel_spro"] = why
+    records = _per_image_records(datamodule, result, calibration.threshold, category)
     test = datamodule.samples("test")
     return {
         "category": category,
         "status": "ok",
         "error": None,
-        "threshold": threshold,
-        "threshold_provenance": detector.threshold_provenance,
-        "metrics": detector.test_metrics,
-        "notes": detector.test_notes,
-        "metrics_by_defect_type": _by_defect_type(records, threshold),
+        "threshold": calibration.threshold,
+        "threshold_provenance": calibration.provenance(),
+        "metrics": metrics,
+        "notes": notes,
+        "metrics_by_defect_type": _by_defect_type(records, calibration.threshold),
         "counts": {
             "train": len(datamodule.samples("train")),
-            "calibration": len(datamodule.samples("calibration")),
+            "calibration": calibration.n,
             "test": len(test),
             "test_anomalous": sum(s.label == 1 for s in test),
         },
-        "timing": {"fit_s": fitted - started - calibrate_s, "calibrate_s": calibrate_s, "test_s": tested - fitted},
+        "timing": {
+            "fit_s": fitted - started - calibration.seconds,
+            "calibrate_s": calibration.seconds,
+            "test_s": tested - fitted,
+        },
         "hardware": {"device": str(lightning.strategy.root_device), "world_size": lightning.world_size},
         "records": records,
     }

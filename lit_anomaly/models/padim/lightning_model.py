@@ -6,11 +6,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..base import AnomalyModule
-from .torch_model import PaDiMModel
+from ..base import AnomalyModule, fold_assignment
+from .torch_model import PaDiMModel, gaussian
 
 
 class PaDiM(AnomalyModule):
@@ -26,29 +27,78 @@ class PaDiM(AnomalyModule):
         seed: int = 0,
         calibration_quantile: float | None = None,
         contamination: float | None = None,
+        calibration: str = "leave-one-out",
         pixel_eval_size: int | None = None,
         aupro_fpr_limit: float = 0.3,
     ) -> None:
-        super().__init__(calibration_quantile, contamination, pixel_eval_size, aupro_fpr_limit)
+        super().__init__(calibration_quantile, contamination, calibration, pixel_eval_size, aupro_fpr_limit)
         self.save_hyperparameters()
         self.model = PaDiMModel(
             backbone, layers, pretrained, weights_path, n_features, covariance_eps, blur_sigma, seed
         )
         self._stats: list[Tensor] | None = None
+        self._embeddings: list[Tensor] = []  # this rank's train embeddings, for out-of-sample scores
+        self._indices: list[Tensor] = []
 
     def learn(self, batch: dict[str, Any]) -> None:
         fresh = self.first_occurrences(batch["index"])
+        # half precision halves the stored copy; the statistics use the same rounded values, so
+        # leave-one-out is exactly a refit without the image
+        embedding = self.model.embed(batch["image"][fresh]).half()
         total, outer, count = self._stats or (None, None, 0)
-        total, outer = self.model.accumulate(self.model.embed(batch["image"][fresh]), total, outer)
+        total, outer = self.model.accumulate(embedding, total, outer)
         self._stats = [total, outer, count + fresh.sum().double()]
+        self._image_size = tuple(batch["image"].shape[-2:])
+        if self.train_scoring != "none":
+            self._embeddings.append(embedding)
+            self._indices.append(batch["index"][fresh])
+
+    def _all_reduce(self, *tensors: Tensor) -> None:
+        if self.trainer.world_size > 1:
+            for tensor in tensors:
+                dist.all_reduce(tensor)
 
     def finish_fit(self) -> None:
         total, outer, count = self._stats
-        if self.trainer.world_size > 1:
-            for tensor in (total, outer, count):
-                dist.all_reduce(tensor)
-        self.model.fit(total, outer, int(count.item()))
+        self._all_reduce(total, outer, count)
+        count = int(count.item())
+        sums = (total.clone(), outer.clone()) if self.train_scoring == "k-fold" else None  # fit works in place
+        covariance = self.model.fit(total, outer, count)
+        if self.train_scoring != "none":  # kept for out_of_sample_scores, then dropped
+            self._fit_state = (covariance, total / count, count, sums)
         self._stats = None
+
+    def _cross_fit(self, embeddings: Tensor, index: Tensor, total: Tensor, outer: Tensor, count: int) -> Tensor:
+        """Each fold scored by Gaussians of the other folds: their statistics are the totals minus the fold's."""
+        fold_of = fold_assignment(count, self.folds, self.hparams.seed).to(index.device)[index]
+        scores = torch.empty(len(index), device=index.device)
+        for fold in range(self.folds):
+            mine = fold_of == fold
+            fold_total, fold_outer = self.model.accumulate(embeddings[mine].double(), None, None)
+            fold_count = mine.sum().double()
+            self._all_reduce(fold_total, fold_outer, fold_count)
+            if count - int(fold_count.item()) < 2 or not mine.any():
+                scores[mine] = float("nan")
+                continue
+            mean, inverse, _ = gaussian(
+                total - fold_total, outer - fold_outer, count - int(fold_count.item()), self.model.covariance_eps
+            )
+            distances = self.model.distances(embeddings[mine].float(), mean.T.float(), inverse)
+            scores[mine] = self.model.image_scores(distances, self._image_size)
+        return scores
+
+    def out_of_sample_scores(self, method: str, folds: int) -> tuple[Tensor, Tensor]:
+        embeddings, index = torch.cat(self._embeddings), torch.cat(self._indices)
+        (covariance, mean, count, sums), self._fit_state = self._fit_state, None
+        self._embeddings, self._indices = [], []
+        if method == "k-fold":
+            scores = self._cross_fit(embeddings, index, *sums, count)
+        elif count < 3:  # leaving one out of two leaves no covariance
+            return index[:0], torch.empty(0, device=index.device)
+        else:
+            scores = self.model.leave_one_out_scores(embeddings, mean, covariance, count, self._image_size)
+        finite = scores.isfinite()
+        return index[finite], scores[finite]
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         return self.model(images)

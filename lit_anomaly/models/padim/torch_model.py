@@ -53,29 +53,74 @@ class PaDiMModel(nn.Module):
         total += x.sum(1)
         return total, outer.baddbmm_(x.transpose(1, 2), x)
 
-    def fit(self, total: Tensor, outer: Tensor, count: int, chunk: int = 1024) -> None:
-        """Gaussians from summed statistics of `count` images; covariance regularised by eps * I.
-
-        Works in place on `outer` and inverts in chunks of positions, so the float64 statistics are
-        never copied whole.
-        """
-        if count < 2:
-            raise ValueError(f"PaDiM needs at least 2 training images, got {count}")
-        mean = total / count
-        covariance = outer.baddbmm_(mean[:, :, None], mean[:, None, :], alpha=-count).div_(count - 1)
-        covariance.diagonal(dim1=1, dim2=2).add_(self.covariance_eps)
+    def fit(self, total: Tensor, outer: Tensor, count: int) -> Tensor:
+        """Gaussians from summed statistics of `count` images; returns the regularised covariance (P, d, d),
+        float64, computed in place of `outer` so the statistics are never copied whole."""
+        mean, self.inverse_covariance, covariance = gaussian(total, outer, count, self.covariance_eps, in_place=True)
         self.mean = mean.T.float().contiguous()  # (d, P)
-        self.inverse_covariance = torch.cat(
-            [torch.linalg.inv(covariance[i : i + chunk]).float() for i in range(0, len(covariance), chunk)]
-        )
+        return covariance
 
-    def forward(self, images: Tensor) -> dict[str, Tensor]:
-        embedding = self.embed(images)
+    def distances(self, embedding: Tensor, mean: Tensor, inverse_covariance: Tensor) -> Tensor:
+        """Mahalanobis distance (B, 1, h, w) of every position to its Gaussian (mean (d, P))."""
         batch, _, height, width = embedding.shape
-        delta = (embedding.flatten(2) - self.mean).permute(2, 0, 1)  # (P, B, d)
-        squared = (torch.bmm(delta, self.inverse_covariance) * delta).sum(-1)  # (P, B)
-        distances = squared.clamp_min(0).sqrt().T.reshape(batch, 1, height, width)
-        maps = F.interpolate(distances, images.shape[-2:], mode="bilinear")
+        delta = (embedding.flatten(2) - mean).permute(2, 0, 1)  # (P, B, d)
+        squared = (torch.bmm(delta, inverse_covariance) * delta).sum(-1)  # (P, B)
+        return squared.clamp_min(0).sqrt().T.reshape(batch, 1, height, width)
+
+    def output(self, distances: Tensor, size: Sequence[int]) -> dict[str, Tensor]:
+        """Anomaly maps at the image `size`, smoothed, and image scores (their maxima)."""
+        maps = F.interpolate(distances, tuple(size), mode="bilinear")
         if self.blur_sigma > 0:
             maps = gaussian_blur(maps, [blur_kernel_size(self.blur_sigma)] * 2, [self.blur_sigma] * 2)
         return {"score": maps.flatten(1).amax(1), "anomaly_map": maps}
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        distances = self.distances(self.embed(images), self.mean, self.inverse_covariance)
+        return self.output(distances, images.shape[-2:])
+
+    def image_scores(self, distances: Tensor, size: Sequence[int], chunk: int = 32) -> Tensor:
+        return torch.cat(
+            [self.output(distances[i : i + chunk], size)["score"] for i in range(0, len(distances), chunk)]
+        )
+
+    def leave_one_out_scores(
+        self, embeddings: Tensor, mean: Tensor, covariance: Tensor, count: int, size: Sequence[int]
+    ) -> Tensor:
+        """Scores of train images (embeddings (N, d, h, w)) under the Gaussians fitted without each of them.
+
+        With n images, mean m and covariance C, leaving out x (delta = x - m) gives
+        (n - 2) C' = (n - 1) C - n / (n - 1) delta delta^T and x - m' = n / (n - 1) delta, so with
+        A = (n - 1) / (n - 2) C + eps I and s = delta^T A^-1 delta, Sherman-Morrison gives the squared
+        distance (n / (n - 1))^2 s / (1 - n s / ((n - 1)(n - 2))): one extra inverse per position, exact.
+        `mean` is (P, d) float64 and `covariance` the regularised (P, d, d) one `fit` returns.
+        """
+        n, eps = count, self.covariance_eps
+        a, b, c = (n - 1) / (n - 2), n / ((n - 1) * (n - 2)), n / (n - 1)
+        images, dim, height, width = embeddings.shape
+        x = embeddings.flatten(2)  # (N, d, P)
+        eye = torch.eye(dim, dtype=torch.float64, device=x.device)
+        distances = torch.empty(images, height * width, device=x.device)
+        step = max(1, 2**24 // max(1, images * dim))
+        for start in range(0, height * width, step):
+            stop = min(start + step, height * width)
+            inverse = torch.linalg.inv(covariance[start:stop] * a - (a - 1) * eps * eye)
+            delta = x[:, :, start:stop].permute(2, 0, 1).double() - mean[start:stop, None, :]  # (p, N, d)
+            s = (torch.bmm(delta, inverse) * delta).sum(-1)
+            squared = (c * c) * s / (1 - b * s).clamp_min(1e-12)
+            distances[:, start:stop] = squared.clamp_min(0).sqrt().T.float()
+        return self.image_scores(distances.view(images, 1, height, width), size)
+
+
+def gaussian(
+    total: Tensor, outer: Tensor, count: int, eps: float, in_place: bool = False, chunk: int = 1024
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean (P, d) float64, inverse covariance (P, d, d) float32 and covariance + eps I (P, d, d) float64
+    from summed statistics of `count` images; inverted in chunks of positions."""
+    if count < 2:
+        raise ValueError(f"PaDiM needs at least 2 training images, got {count}")
+    mean = total / count
+    outer = outer if in_place else outer.clone()
+    covariance = outer.baddbmm_(mean[:, :, None], mean[:, None, :], alpha=-count).div_(count - 1)
+    covariance.diagonal(dim1=1, dim2=2).add_(eps)
+    inverse = torch.cat([torch.linalg.inv(covariance[i : i + chunk]).float() for i in range(0, len(covariance), chunk)])
+    return mean, inverse, covariance

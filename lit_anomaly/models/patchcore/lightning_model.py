@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..base import AnomalyModule, gather_by_index
+from ..base import AnomalyModule, fold_assignment, gather_by_index
 from .torch_model import PatchCoreModel
 
 
@@ -28,10 +28,11 @@ class PatchCore(AnomalyModule):
         seed: int = 0,
         calibration_quantile: float | None = None,
         contamination: float | None = None,
+        calibration: str = "leave-one-out",
         pixel_eval_size: int | None = None,
         aupro_fpr_limit: float = 0.3,
     ) -> None:
-        super().__init__(calibration_quantile, contamination, pixel_eval_size, aupro_fpr_limit)
+        super().__init__(calibration_quantile, contamination, calibration, pixel_eval_size, aupro_fpr_limit)
         if not 0.0 < coreset_ratio <= 1.0:
             raise ValueError(f"--model.coreset_ratio must be in (0, 1], got {coreset_ratio}")
         self.save_hyperparameters()
@@ -52,7 +53,28 @@ class PatchCore(AnomalyModule):
         features = torch.cat(self._features)  # (N, h, w, D)
         _, features = gather_by_index(self, torch.cat(self._indices), features)
         self._features, self._indices = [], []
-        self.model.fit(features.reshape(-1, features.shape[-1]))
+        chosen = self.model.fit(features.flatten(0, 2))
+        if self.train_scoring != "none":  # kept for out_of_sample_scores, then dropped
+            self._fit_features, self._bank_owner = features, chosen // (features.shape[1] * features.shape[2])
+
+    def out_of_sample_scores(self, method: str, folds: int) -> tuple[Tensor, Tensor]:
+        """Every rank has all train features and builds the same bank; each scores its share of the images."""
+        features, owner = self._fit_features, self._bank_owner
+        del self._fit_features, self._bank_owner
+        n, rank, world = len(features), self.global_rank, self.trainer.world_size
+        if n < 2:  # nothing to leave one out from
+            return torch.empty(0, dtype=torch.long, device=self.device), torch.empty(0, device=self.device)
+        if method == "leave-one-out":
+            images = torch.arange(rank, n, world, device=features.device)
+            scores = self.model.leave_one_out_scores(features, owner, images)
+        else:
+            fold_of = fold_assignment(n, folds, self.model.seed).to(features.device)
+            mine = list(range(rank, min(folds, n), world))
+            scores = [self.model.cross_fit_scores(features, fold_of, fold) for fold in mine]
+            images = torch.cat([torch.nonzero(fold_of == fold).squeeze(1) for fold in mine] or [fold_of[:0]])
+            scores = torch.cat(scores) if scores else features.new_empty(0, dtype=torch.float32)
+        finite = scores.isfinite()  # an image whose rows make up the whole bank has no reference
+        return images[finite], scores[finite]
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         return self.model(images)

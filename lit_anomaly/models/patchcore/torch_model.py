@@ -56,34 +56,83 @@ class PatchCoreModel(nn.Module):
     def flatten(embedding: Tensor) -> Tensor:
         return embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1])
 
-    def fit(self, patches: Tensor) -> None:
-        """Build the memory bank from all training patch features (N, D)."""
-        n_select = max(1, round(self.coreset_ratio * len(patches)))
+    def fit(self, patches: Tensor) -> Tensor:
+        """Build the memory bank from all training patch features (N, D); returns the chosen rows."""
+        self.memory_bank = patches.index_select(0, chosen := self.select(patches)).float().contiguous()
+        return chosen
+
+    def select(self, patches: Tensor) -> Tensor:
+        """Rows of `patches` the memory bank keeps: a greedy coreset, or all of them at ratio 1."""
         if self.coreset_ratio >= 1.0:
-            self.memory_bank = patches.float().contiguous()
-            return
-        chosen = greedy_coreset(patches, n_select, self.projection_dim, self.seed)
-        self.memory_bank = patches.index_select(0, chosen).float().contiguous()
+            return torch.arange(len(patches), device=patches.device)
+        n_select = max(1, round(self.coreset_ratio * len(patches)))
+        return greedy_coreset(patches, n_select, self.projection_dim, self.seed)
+
+    def score(
+        self, queries: Tensor, bank: Tensor, query_groups: Tensor | None = None, bank_groups: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Patch scores (B, P) and image scores (B,) of patch features (B, P, D) against `bank`.
+
+        With groups, a patch is never compared with bank rows of its own group (see `nearest_neighbors`).
+        """
+        batch, patches, dim = queries.shape
+        queries = queries.reshape(-1, dim)
+        distances, indices = nearest_neighbors(queries, bank, 1, query_groups=query_groups, bank_groups=bank_groups)
+        patch_scores = distances[:, 0].view(batch, patches)
+        scores, best = patch_scores.max(dim=1)
+        if self.reweight and len(bank) > 1:
+            rows = torch.arange(batch, device=queries.device) * patches + best
+            group = query_groups[rows] if query_groups is not None else None
+            scores = self._reweighted(queries[rows], bank, indices[rows, 0], scores, group, bank_groups)
+        return patch_scores, scores
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         embedding = self.embed(images)
         batch, _, height, width = embedding.shape
-        queries = self.flatten(embedding)
-        distances, indices = nearest_neighbors(queries, self.memory_bank, k=1)
-        patch_scores = distances[:, 0].view(batch, height * width)
-        scores, best = patch_scores.max(dim=1)
-        if self.reweight and len(self.memory_bank) > 1:
-            rows = torch.arange(batch, device=images.device) * height * width + best
-            scores = self._reweighted(queries[rows], indices[rows, 0], scores)
+        patch_scores, scores = self.score(embedding.flatten(2).transpose(1, 2), self.memory_bank)
         maps = F.interpolate(patch_scores.view(batch, 1, height, width), images.shape[-2:], mode="bilinear")
         if self.blur_sigma > 0:
             maps = gaussian_blur(maps, [blur_kernel_size(self.blur_sigma)] * 2, [self.blur_sigma] * 2)
         return {"score": scores, "anomaly_map": maps}
 
-    def _reweighted(self, query: Tensor, nearest: Tensor, scores: Tensor) -> Tensor:
+    def leave_one_out_scores(self, features: Tensor, bank_owner: Tensor, images: Tensor, chunk: int = 16) -> Tensor:
+        """Scores of train `images` (indices into `features`, (N, h, w, D)) against the memory bank without
+        the rows each image contributed (`bank_owner`: the image each bank row came from)."""
+        patches = features.shape[1] * features.shape[2]
+        scores = []
+        for start in range(0, len(images), chunk):
+            part = images[start : start + chunk]
+            queries = features.index_select(0, part).flatten(1, 2).float()
+            groups = part.repeat_interleave(patches)
+            scores.append(self.score(queries, self.memory_bank, groups, bank_owner)[1])
+        return torch.cat(scores) if scores else features.new_empty(0, dtype=torch.float32)
+
+    def cross_fit_scores(self, features: Tensor, folds: Tensor, fold: int, chunk: int = 16) -> Tensor:
+        """Scores of the images of `fold` against a memory bank built, as `fit` builds it, from the other folds."""
+        patches = features.shape[1] * features.shape[2]
+        inside = torch.nonzero(folds == fold).squeeze(1)
+        outside = features[folds != fold].flatten(0, 2)
+        bank = outside.index_select(0, self.select(outside)).float()
+        scores = []
+        for start in range(0, len(inside), chunk):
+            queries = features.index_select(0, inside[start : start + chunk]).flatten(1, 2).float()
+            scores.append(self.score(queries.reshape(len(queries), patches, -1), bank)[1])
+        return torch.cat(scores)
+
+    def _reweighted(
+        self,
+        query: Tensor,
+        bank: Tensor,
+        nearest: Tensor,
+        scores: Tensor,
+        query_groups: Tensor | None = None,
+        bank_groups: Tensor | None = None,
+    ) -> Tensor:
         """Paper eq. 7: damp the score when the nearest bank patch sits in a dense neighbourhood."""
-        k = min(self.num_neighbors, len(self.memory_bank))
-        _, neighbourhood = nearest_neighbors(self.memory_bank[nearest], self.memory_bank, k=k)
-        distances = torch.linalg.vector_norm(query[:, None] - self.memory_bank[neighbourhood], dim=-1)
+        k = min(self.num_neighbors, len(bank))
+        _, neighbourhood = nearest_neighbors(
+            bank[nearest], bank, k=k, query_groups=query_groups, bank_groups=bank_groups
+        )
+        distances = torch.linalg.vector_norm(query[:, None] - bank[neighbourhood], dim=-1)
         weights = 1.0 - torch.softmax(distances, dim=1)[:, 0]
         return weights * scores

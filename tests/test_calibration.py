@@ -1,0 +1,163 @@
+"""Thresholds: the split-conformal rank rule, out-of-sample train scores, and the promise on unseen normals."""
+
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from lit_anomaly.data import MVTecAD, write_synthetic
+from lit_anomaly.metrics.calibration import (
+    SPLIT,
+    TRAIN,
+    Calibration,
+    ThresholdCalibrator,
+    conformal_threshold,
+    normals_needed,
+    resolve_quantile,
+)
+from lit_anomaly.models import PaDiM, PatchCore
+from lit_anomaly.models.base import fold_assignment
+from lit_anomaly.models.padim.torch_model import gaussian
+
+
+def trainer() -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(("n", "q", "rank"), [(99, 0.9, 90), (100, 0.9, 91), (19, 0.95, 19), (199, 0.995, 199)])
+def test_rank_rule_takes_the_ceil_n_plus_one_q_th_smallest(n, q, rank):
+    scores = torch.randperm(n, generator=torch.Generator().manual_seed(n)).double()  # 0 .. n-1, shuffled
+    calibration = conformal_threshold(scores, q, "leave-one-out")
+    assert calibration.rank == rank == math.ceil((n + 1) * q - 1e-9)
+    assert calibration.threshold == rank - 1  # the rank-th smallest of 0 .. n-1
+    assert calibration.false_alarm_bound == pytest.approx(1 - q)
+    assert (n + 1 - rank) / (n + 1) <= 1 - q + 1e-12  # the exact guarantee behind the promise
+    assert not calibration.short_of_normals and calibration.shortfall_message() is None
+    assert "normals_needed" not in calibration.provenance()
+
+
+def test_too_few_normals_take_the_largest_score_and_say_what_q_needs():
+    calibration = conformal_threshold(torch.tensor([3.0, 1.0, 2.0, 5.0, 4.0]), 0.995, "leave-one-out")
+    assert calibration.threshold == 5.0 and calibration.rank == 5
+    assert calibration.false_alarm_bound == pytest.approx(1 / 6)
+    provenance = calibration.provenance()
+    assert provenance["normals_needed"] == 199 == normals_needed(0.995)
+    assert {k: provenance[k] for k in ("quantile", "method", "n", "rank")} == {
+        "quantile": 0.995, "method": "leave-one-out", "n": 5, "rank": 5,
+    }  # fmt: skip
+    message = calibration.shortfall_message()
+    assert "\n" not in message and "199" in message and "got 5" in message and "0.167" in message
+    assert normals_needed(0.95) == 19 and normals_needed(0.9) == 9
+
+
+def test_no_scores_no_threshold():
+    calibration = conformal_threshold(torch.empty(0), 0.9)
+    assert calibration.threshold is None and calibration.n == 0 and calibration.false_alarm_bound is None
+
+
+def test_quantile_and_contamination_together_are_refused():
+    assert resolve_quantile(contamination=0.05) == pytest.approx(0.95)
+    with pytest.raises(ValueError, match="not both"):
+        resolve_quantile(0.9, 0.05)
+
+
+def test_calibrator_drops_repeats_and_names_its_sources():
+    calibrator = ThresholdCalibrator(0.5)
+    calibrator.update(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 1, 2]), TRAIN)
+    calibrator.update(torch.tensor([3.0]), torch.tensor([2]), TRAIN)  # DistributedSampler's padded repeat
+    calibrator.update(torch.tensor([10.0, 20.0]), torch.tensor([0, 1]), SPLIT)  # same indices, other split
+    calibration = calibrator.compute("leave-one-out", "validation")
+    assert calibration.n == 5 and calibration.method == "leave-one-out+validation"
+    assert calibration.scores.tolist() == [1.0, 2.0, 3.0, 10.0, 20.0]
+    assert calibration.threshold == 3.0  # k = ceil(6 * 0.5) = 3
+
+
+def test_calibration_state_round_trips():
+    calibration = conformal_threshold(torch.arange(10.0), 0.8, "k-fold:5")
+    restored = Calibration.from_state(calibration.state())
+    assert restored.provenance() == calibration.provenance() and torch.equal(restored.scores, calibration.scores)
+
+
+def test_folds_are_balanced_and_seeded():
+    folds = fold_assignment(23, 5, seed=3)
+    assert sorted(torch.bincount(folds).tolist()) == [4, 4, 5, 5, 5]
+    assert torch.equal(folds, fold_assignment(23, 5, seed=3)) and not torch.equal(folds, fold_assignment(23, 5, 4))
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    return write_synthetic(tmp_path_factory.mktemp("tiny"), "MVTecAD", ["tile"], 6, 2, 2, image_size=32)
+
+
+def fitted(cls, root, **kwargs):
+    dm = MVTecAD(root, "tile", image_size=32, num_workers=0, train_batch_size=4)
+    model = cls(backbone="efficientnet_lite0", pretrained=False, calibration_quantile=0.5, **kwargs)
+    trainer().fit(model, datamodule=dm)
+    images = torch.stack([torch.as_tensor(dm.dataloader("train").dataset[i]["image"]) for i in range(6)]).float()
+    return model, images / 255
+
+
+def test_padim_leave_one_out_equals_a_refit_without_the_image(tiny_root):
+    model, images = fitted(PaDiM, tiny_root, n_features=12, layers=(1, 2))
+    torch_model = model.model
+    embeddings = torch_model.embed(images).half().double()  # the precision PaDiM fits and stores at
+    brute_force = []
+    for left_out in range(6):
+        keep = [i for i in range(6) if i != left_out]
+        total, outer = torch_model.accumulate(embeddings[keep], None, None)
+        mean, inverse, _ = gaussian(total, outer, 5, torch_model.covariance_eps)
+        distances = torch_model.distances(embeddings[left_out : left_out + 1].float(), mean.T.float(), inverse)
+        brute_force.append(float(torch_model.output(distances, (32, 32))["score"]))
+    loo = model.calibration.scores  # sorted
+    assert model.calibration.method == "leave-one-out" and model.calibration.n == 6
+    assert loo.tolist() == pytest.approx(sorted(brute_force), rel=1e-5)
+
+
+def test_patchcore_leave_one_out_equals_scoring_against_the_bank_without_the_image(tiny_root):
+    model, images = fitted(PatchCore, tiny_root, coreset_ratio=0.5, projection_dim=None)
+    torch_model = model.model
+    embedding = torch_model.embed(images)  # (6, D, h, w)
+    patches = embedding.shape[2] * embedding.shape[3]
+    features = embedding.permute(0, 2, 3, 1).half().flatten(0, 2)
+    chosen = torch_model.select(features)
+    owner = chosen // patches
+    full_bank = torch_model.memory_bank
+    assert torch.equal(full_bank, features[chosen].float())
+    brute_force = []
+    for left_out in range(6):
+        torch_model.memory_bank = full_bank[owner != left_out]
+        queries = features.view(6, patches, -1)[left_out : left_out + 1].float()
+        brute_force.append(float(torch_model.score(queries, torch_model.memory_bank)[1]))
+    torch_model.memory_bank = full_bank
+    assert model.calibration.scores.tolist() == pytest.approx(sorted(brute_force), rel=1e-5)
+
+
+@pytest.mark.parametrize("cls", [PatchCore, PaDiM])
+def test_k_fold_scores_every_train_image_once(cls, tiny_root):
+    model, _ = fitted(cls, tiny_root, calibration="k-fold:3", **({"n_features": 12} if cls is PaDiM else {}))
+    assert model.calibration.method == "k-fold:3" and model.calibration.n == 6
+
+
+def test_bad_calibration_method_is_named():
+    with pytest.raises(ValueError, match="calibration must be"):
+        PatchCore(backbone="efficientnet_lite0", pretrained=False, calibration="k-fold:1")
+
+
+def test_q095_flags_at_most_ten_percent_of_unseen_normals(tmp_path):
+    """80 train normals calibrate out of sample; 120 normals no step ever saw measure the promise."""
+    root = write_synthetic(tmp_path, "MVTecAD", ["tile"], 80, 120, 2, image_size=64)
+    dm = MVTecAD(root, "tile", image_size=64, num_workers=0, eval_batch_size=64)
+    model = PatchCore(backbone="efficientnet_lite0", calibration_quantile=0.95)
+    lightning = trainer()
+    lightning.fit(model, datamodule=dm)
+    lightning.test(model, datamodule=dm, verbose=False)
+    result = model.test_result
+    normals = result.label == 0
+    assert int(normals.sum()) == 120 and model.calibration.n == 80 and model.calibration.method == "leave-one-out"
+    share_above = float((result.score[normals] >= model.calibration.threshold).double().mean())
+    assert share_above <= 0.10  # promised: at most 1 - q = 0.05 in expectation
+    assert result.metrics["image_specificity"] == pytest.approx(1 - share_above)
