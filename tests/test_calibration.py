@@ -117,22 +117,29 @@ def test_padim_leave_one_out_equals_a_refit_without_the_image(tiny_root):
     assert loo.tolist() == pytest.approx(sorted(brute_force), rel=1e-5)
 
 
-def test_patchcore_leave_one_out_equals_scoring_against_the_bank_without_the_image(tiny_root):
-    model, images = fitted(PatchCore, tiny_root, coreset_ratio=0.5, projection_dim=None)
+def test_patchcore_leave_one_out_equals_scoring_against_the_repaired_bank(tiny_root):
+    """Reference, by brute force: drop the image's bank rows, re-pick as many farthest-first among the other
+    images' patches they were nearest to, score the image against that bank."""
+    model, images = fitted(PatchCore, tiny_root, coreset_ratio=0.1, projection_dim=None)
     torch_model = model.model
     embedding = torch_model.embed(images)  # (6, D, h, w)
     patches = embedding.shape[2] * embedding.shape[3]
-    features = embedding.permute(0, 2, 3, 1).half().flatten(0, 2)
-    chosen = torch_model.select(features)
-    owner = chosen // patches
-    full_bank = torch_model.memory_bank
-    assert torch.equal(full_bank, features[chosen].float())
+    features = embedding.permute(0, 2, 3, 1).half().flatten(0, 2).float()
+    chosen = torch_model.select(features.half())
+    bank, owner, image_of = features[chosen], chosen // patches, torch.arange(6).repeat_interleave(patches)
+    assert torch.equal(torch_model.memory_bank, bank)
+    nearest_owner = owner[torch.cdist(features, bank).argmin(1)]
     brute_force = []
     for left_out in range(6):
-        torch_model.memory_bank = full_bank[owner != left_out]
-        queries = features.view(6, patches, -1)[left_out : left_out + 1].float()
-        brute_force.append(float(torch_model.score(queries, torch_model.memory_bank)[1]))
-    torch_model.memory_bank = full_bank
+        kept = bank[owner != left_out]
+        candidates = features[(nearest_owner == left_out) & (image_of != left_out)]
+        distances = torch.cdist(candidates, kept).amin(1)
+        refill = []
+        for _ in range(min(int((owner == left_out).sum()), len(candidates))):
+            refill.append(candidates[int(distances.argmax())])
+            distances = torch.minimum(distances, torch.cdist(candidates, refill[-1][None])[:, 0])
+        repaired = torch.cat([kept, *(r[None] for r in refill)])
+        brute_force.append(float(torch.cdist(features[image_of == left_out], repaired).amin(1).max()))
     assert model.calibration.scores.tolist() == pytest.approx(sorted(brute_force), rel=1e-5)
 
 

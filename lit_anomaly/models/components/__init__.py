@@ -1,5 +1,12 @@
 from .backbones import BackboneError, FeatureExtractor
-from .coreset import greedy_coreset, random_projection
+from .coreset import farthest_first, greedy_coreset, random_projection
 from .knn import nearest_neighbors
 
-__all__ = ["BackboneError", "FeatureExtractor", "greedy_coreset", "nearest_neighbors", "random_projection"]
+__all__ = [
+    "BackboneError",
+    "FeatureExtractor",
+    "farthest_first",
+    "greedy_coreset",
+    "nearest_neighbors",
+    "random_projection",
+]

@@ -91,3 +91,14 @@ def _greedy_pruned(x: Tensor, n_select: int, start: int) -> Tensor:
             assignment[moved] = i
         current = int(min_distances.argmax())
     return selected
+
+
+def farthest_first(points: Tensor, distances: Tensor, count: int) -> Tensor:
+    """Indices of up to `count` rows of `points` chosen greedily, farthest first, given each row's distance to
+    the centres already chosen: greedy k-center continued from an existing set of centres."""
+    distances = distances.clone()
+    chosen = []
+    for _ in range(min(count, len(points))):
+        chosen.append(int(distances.argmax()))
+        distances = torch.minimum(distances, torch.linalg.vector_norm(points - points[chosen[-1]], dim=1))
+    return torch.tensor(chosen, dtype=torch.long, device=points.device)

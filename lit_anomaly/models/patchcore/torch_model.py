@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.transforms.v2.functional import gaussian_blur
 
-from ..components import FeatureExtractor, greedy_coreset, nearest_neighbors
+from ..components import FeatureExtractor, farthest_first, greedy_coreset, nearest_neighbors
 
 
 def blur_kernel_size(sigma: float) -> int:
@@ -95,17 +95,55 @@ class PatchCoreModel(nn.Module):
             maps = gaussian_blur(maps, [blur_kernel_size(self.blur_sigma)] * 2, [self.blur_sigma] * 2)
         return {"score": scores, "anomaly_map": maps}
 
-    def leave_one_out_scores(self, features: Tensor, bank_owner: Tensor, images: Tensor, chunk: int = 16) -> Tensor:
-        """Scores of train `images` (indices into `features`, (N, h, w, D)) against the memory bank without
-        the rows each image contributed (`bank_owner`: the image each bank row came from)."""
-        patches = features.shape[1] * features.shape[2]
+    def leave_one_out_scores(self, features: Tensor, bank_owner: Tensor, images: Tensor) -> Tensor:
+        """Scores of train `images` (indices into `features`, (N, h, w, D)), each against the memory bank as a
+        refit without it would be: the rows it contributed (`bank_owner`: the image of each bank row) are
+        removed, and as many are chosen again, farthest first, among the other images' patches they were
+        nearest to. Removal alone leaves holes a refit fills, and scores run high; repaired, they match
+        unseen normals (benchmarks/calibration.py).
+        """
+        n, height, width, dim = features.shape
+        per_image = height * width
+        patches = features.reshape(-1, dim)
+        image_of = torch.arange(n, device=patches.device).repeat_interleave(per_image)
+        nearest_owner, uncovered, without_own = self._owner_distances(patches, image_of, bank_owner)
         scores = []
-        for start in range(0, len(images), chunk):
-            part = images[start : start + chunk]
-            queries = features.index_select(0, part).flatten(1, 2).float()
-            groups = part.repeat_interleave(patches)
-            scores.append(self.score(queries, self.memory_bank, groups, bank_owner)[1])
+        for image in images.tolist():
+            own = patches[image * per_image : (image + 1) * per_image].float()
+            orphans = torch.nonzero((nearest_owner == image) & (image_of != image)).squeeze(1)
+            candidates = patches.index_select(0, orphans).float()
+            refill = candidates[farthest_first(candidates, uncovered[orphans], int((bank_owner == image).sum()))]
+            if self.reweight:  # the reweighting looks at bank neighbourhoods: score against the whole repaired bank
+                bank = torch.cat([self.memory_bank[bank_owner != image], refill])
+                scores.append(self.score(own[None], bank)[1])
+                continue
+            patch_scores = without_own[image * per_image : (image + 1) * per_image]
+            if len(refill):
+                patch_scores = torch.minimum(patch_scores, nearest_neighbors(own, refill)[0][:, 0])
+            scores.append(patch_scores.max().view(1))
         return torch.cat(scores) if scores else features.new_empty(0, dtype=torch.float32)
+
+    def _owner_distances(
+        self, patches: Tensor, image_of: Tensor, bank_owner: Tensor, chunk: int = 2048
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """For every patch: the image that owns its nearest bank row; its distance to the nearest row of
+        another owner (what covers it once that image is left out); its distance to the nearest row not
+        taken from its own image. One pass over patches x bank, in fixed-shape chunks."""
+        bank, n = self.memory_bank, len(patches)
+        bank_norms = (bank * bank).sum(1)
+        padded, groups = F.pad(patches, (0, 0, 0, -n % chunk)), F.pad(image_of, (0, -n % chunk), value=-1)
+        nearest_owner, uncovered, without_own = [], [], []
+        for start in range(0, len(padded), chunk):
+            q = padded[start : start + chunk].float()
+            squared = torch.addmm(bank_norms, q, bank.T, alpha=-2.0).add_((q * q).sum(1, keepdim=True))
+            owner = bank_owner[squared.argmin(1)]
+            nearest_owner.append(owner)
+            uncovered.append(squared.masked_fill(bank_owner == owner[:, None], float("inf")).amin(1))
+            own = bank_owner == groups[start : start + chunk, None]
+            without_own.append(squared.masked_fill_(own, float("inf")).amin(1))
+        return torch.cat(nearest_owner)[:n], *(
+            torch.cat(parts)[:n].clamp_min(0).sqrt() for parts in (uncovered, without_own)
+        )
 
     def cross_fit_scores(self, features: Tensor, folds: Tensor, fold: int, chunk: int = 16) -> Tensor:
         """Scores of the images of `fold` against a memory bank built, as `fit` builds it, from the other folds."""
