@@ -95,7 +95,7 @@ def promise_table(args: argparse.Namespace) -> None:
     from lit_anomaly.data import write_synthetic
     from lit_anomaly.metrics import conformal_threshold
 
-    root = Path(args.cache) / f"calibration_{args.train}+{args.unseen}_{args.image_size}px"
+    root = Path(args.cache) / f"calibration_{args.categories}x{args.train}+{args.unseen}_{args.image_size}px"
     if not (root / ".complete").exists():
         write_synthetic(root, "MVTecAD", CATEGORIES[: args.categories], args.train, args.unseen, 2, args.image_size)
         (root / ".complete").touch()

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
+import yaml
 from jsonargparse import ArgumentError
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.cli import LightningCLI
@@ -34,7 +39,13 @@ class AnomalyTrainer(pl.Trainer):
         super().__init__(**kwargs)
 
     def fit_test(self, model: AnomalyModule, datamodule: AnomalyDataModule, run: RunConfig | None = None) -> dict:
-        """Fit on train normals, calibrate the threshold on held-out normals and test, for one category or all."""
+        """Fit on train normals, calibrate the threshold on out-of-sample normal scores and test, per category.
+
+        Args:
+            model: the detector (--model PatchCore|PaDiM|...).
+            datamodule: the dataset (--data MVTecAD|...); --data.category all runs every category.
+            run: where results go (see --run.help RunConfig).
+        """
         self.benchmark_report = run_benchmark(
             model=model, data=datamodule, trainer=self.init_kwargs, run=run or RunConfig(), config_yaml=self.config_yaml
         )
@@ -42,6 +53,29 @@ class AnomalyTrainer(pl.Trainer):
 
 
 setattr(AnomalyTrainer, FIT_TEST, AnomalyTrainer.fit_test)
+
+
+class CheckpointError(ValueError):
+    """A --ckpt_path that is not a readable Lightning checkpoint; the message names the file."""
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """Refuse, before anything runs, a checkpoint that is missing, a folder, truncated, empty, not a torch
+    file or not Lightning's. Loaded with weights_only=True: a pickle payload never runs."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"--ckpt_path {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"--ckpt_path {path} is not a file; expected a .ckpt written by lit-anomaly fit")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"--ckpt_path {path} is not a readable checkpoint (truncated or not one): {reason}"
+        ) from error
+    if not isinstance(state, dict) or "state_dict" not in state or "pytorch-lightning_version" not in state:
+        raise CheckpointError(f"--ckpt_path {path} is a torch file but not a Lightning checkpoint (no state_dict)")
 
 
 class LitAnomalyCLI(LightningCLI):
@@ -69,30 +103,67 @@ class LitAnomalyCLI(LightningCLI):
             print(f"lit-anomaly: checkpoint with calibrated threshold saved to {path}", file=sys.stderr)
 
 
+def _flag_values(args: Sequence[str], flag: str) -> list[str]:
+    values = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg == flag]
+    return values + [arg.partition("=")[2] for arg in args if arg.startswith(flag + "=")]
+
+
 def _check_class_names(args: Sequence[str]) -> None:
     """Unknown --model/--data names get one line listing the valid ones (before jsonargparse's long usage)."""
     for flag, registry in (("--model", MODELS), ("--data", DATAMODULES)):
-        for i, arg in enumerate(args):
-            if arg == flag and i + 1 < len(args):
-                value = args[i + 1]
-            elif arg.startswith(flag + "="):
-                value = arg.partition("=")[2]
-            else:
-                continue
+        for value in _flag_values(args, flag):
             is_name = value.isidentifier()  # not a dotted class path, a dict or a file
             if is_name and value not in registry:
                 raise ValueError(f"unknown {flag} {value!r}; valid: {', '.join(registry)}")
 
 
-def _message(error: BaseException) -> str:
-    """Our own error's message where there is one, else the root cause's: jsonargparse wraps a
-    constructor's error in a long union report."""
+INPUT_ERRORS = (ArgumentError, ValueError, BackboneError, RunError, FileNotFoundError, MisconfigurationException)
+
+
+def _parse_error(chain: list[BaseException], args: Sequence[str]) -> str | None:
+    """jsonargparse's nested union report, as one line naming the flag: `--model.x: got 'abc', expected float`."""
+    for error in chain:
+        if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+            config = (_flag_values(args, "--config") or ["config"])[-1]
+            mark = error.problem_mark
+            return f"--config {config}: invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {error.problem}"
+    keys = []
+    for error in chain:
+        match = re.match(r'Parser key "([^"]+)"', str(error))
+        if match and (not keys or keys[-1] != match.group(1)):
+            keys.append(match.group(1))
+    if not keys:
+        return None
+    innermost = str(chain[-1])
+    given = re.search(r"Got value: (.*)$", innermost)
+    subtypes = [re.findall(r"Subtypes: \[(.*)\]", str(e)) for e in chain]
+    expected = next((found[-1] for found in reversed(subtypes) if found), None)
+    if expected:
+        expected = " or ".join(re.sub(r"<class '([\w.]+)'>", r"\1", t).strip() for t in expected.split(", "))
+    flag = "--" + ".".join(keys)
+    if given and expected:
+        return f"{flag}: got {given.group(1)!r}, expected {expected}"
+    return f"{flag}: {innermost.splitlines()[0]}"
+
+
+def _message(error: BaseException, args: Sequence[str] = ()) -> str:
+    """Our own error's message where there is one, else the flag and value jsonargparse choked on, else the
+    root cause's first line: jsonargparse wraps a constructor's error in a long union report."""
     chain = [error]
-    while chain[-1].__cause__ is not None:
-        chain.append(chain[-1].__cause__)
-    chosen = next((e for e in chain if isinstance(e, (DatasetError, BackboneError, RunError))), chain[-1])
-    text = str(chosen).strip()
-    return text if isinstance(chosen, DatasetError) else text.splitlines()[0] if text else type(chosen).__name__
+    while (chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 50:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    ours = next((e for e in chain if isinstance(e, (DatasetError, BackboneError, RunError, CheckpointError))), None)
+    if ours is None:
+        ours = next((e for e in chain if type(e) is ValueError and str(e).startswith("--")), None)
+    if ours is not None:
+        text = str(ours).strip()
+        return text if isinstance(ours, DatasetError) else text.splitlines()[0]
+    parsed = _parse_error(chain, args)
+    if parsed:
+        return parsed
+    root = chain[-1]
+    text = (str(root).strip().splitlines() or [""])[0]
+    return text if text and isinstance(root, INPUT_ERRORS) else f"{type(root).__name__}: {text}".rstrip(": ")
 
 
 def _cli(args: Sequence[str] | None) -> LitAnomalyCLI:
@@ -112,9 +183,16 @@ def _cli(args: Sequence[str] | None) -> LitAnomalyCLI:
 
 
 def main(args: Sequence[str] | None = None) -> int:
-    """Entry point; stdout carries exactly one JSON document (fit+test), everything else goes to stderr."""
+    """Entry point; stdout carries exactly one JSON document (fit+test), everything else goes to stderr.
+
+    Every failure is one line on stderr (`--verbose` or LIT_ANOMALY_VERBOSE=1 adds the traceback): exit
+    status 2 for bad input, 1 for a failed category, unreadable predict inputs or any other fault."""
     from_argv = args is None
     args = list(sys.argv[1:] if args is None else args)
+    verbose = "--verbose" in args or os.environ.get("LIT_ANOMALY_VERBOSE", "0") not in ("", "0")
+    args = [a for a in args if a != "--verbose"]
+    if from_argv:  # LightningCLI reads sys.argv itself (and warns when given both)
+        sys.argv = [sys.argv[0], *args]
     json_stream = sys.stdout
     printing_config = any(a.startswith("--print_config") for a in args) or "-h" in args or "--help" in args
     if not printing_config:
@@ -123,12 +201,24 @@ def main(args: Sequence[str] | None = None) -> int:
         for pattern in QUIET:
             warnings.filterwarnings("ignore", message=pattern)
         _check_class_names(args)
+        for path in _flag_values(args, "--ckpt_path"):  # LightningCLI reads it before any hook of ours runs
+            check_checkpoint(path)
         cli = _cli(None if from_argv else args)
-    except (ArgumentError, ValueError, BackboneError, RunError, FileNotFoundError, MisconfigurationException) as error:
-        print(f"lit-anomaly: error: {_message(error)}", file=sys.stderr)
-        return 2
+    except SystemExit as exit_:  # --help (0); Lightning's graceful shutdown after Ctrl+C (1)
+        if not exit_.code:
+            raise
+        return _fail("interrupted; finished categories are kept in the run folder (--run.resume DIR continues)", 130)
+    except KeyboardInterrupt:
+        return _fail("interrupted; finished categories are kept in the run folder (--run.resume DIR continues)", 130)
+    except INPUT_ERRORS as error:
+        return _fail(_message(error, args), 2, error if verbose else None)
+    except Exception as error:
+        return _fail(_message(error, args), 1, error if verbose else None)
     finally:
         sys.stdout = json_stream
+    writer = next((c for c in cli.trainer.callbacks if isinstance(c, PredictionWriter)), None)
+    if cli.subcommand == "predict" and writer is not None and writer.failed:
+        return _fail(f"{writer.failed} of {writer.written} images could not be read; see {writer.output_dir}", 1)
     report = cli.trainer.benchmark_report if isinstance(cli.trainer, AnomalyTrainer) else None
     if report is None:
         return 0
@@ -136,6 +226,13 @@ def main(args: Sequence[str] | None = None) -> int:
         json_stream.write(json.dumps(report, default=str) + "\n")
         json_stream.flush()
     return 1 if any(r["status"] != "ok" for r in report["per_category"].values()) else 0
+
+
+def _fail(message: str, status: int, error: BaseException | None = None) -> int:
+    if error is not None:
+        traceback.print_exception(error, file=sys.stderr)
+    print(f"lit-anomaly: error: {message}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

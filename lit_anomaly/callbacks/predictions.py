@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -12,16 +15,46 @@ import torch.nn.functional as F
 from PIL import Image
 from pytorch_lightning.callbacks import BasePredictionWriter
 
+from ..reporting.run_folder import sanitize, write_atomic
+
+
+def output_names(paths: Sequence[str | Path]) -> dict[str, Path]:
+    """A unique relative name (no suffix) per input path, for its map files: the path below the inputs'
+    common folder, so `a.png` and `sub/a.png` stay apart; files differing only in suffix (`b.png`,
+    `b.jpg`) keep it (`b.png`, `b.jpg`). Every part is sanitised, so no name leads outside the output folder."""
+    paths = [Path(p) for p in paths]
+    if not paths:
+        return {}
+    root = Path(os.path.commonpath([p.parent for p in paths]))
+    stems = [p.relative_to(root).with_suffix("") for p in paths]
+    taken: dict[Path, int] = {}
+    for stem in stems:
+        taken[stem] = taken.get(stem, 0) + 1
+    names = {}
+    for path, stem in zip(paths, stems, strict=True):
+        relative = path.relative_to(root) if taken[stem] > 1 else stem
+        names[str(path)] = Path(*(sanitize(part) for part in relative.parts))
+    return names
+
 
 class PredictionWriter(BasePredictionWriter):
-    """Writes `<output_dir>/predictions.jsonl` (path, score, threshold, pred) and, with `save_maps`,
-    `anomaly_images/<category>/<split>/<stem>.tiff` (float32 maps at the image's own size) and
-    `anomaly_images_thresholded/<category>/<split>/<stem>.png` (0/255 at the calibrated threshold)."""
+    """Writes what `lit-anomaly predict` finds: one JSON line per image and, optionally, its anomaly map.
+
+    A file that cannot be read becomes a line with `error` and no score; the others are still written.
+
+    Args:
+        output_dir: folder for predictions.jsonl (predictions.rank<N>.jsonl per process under DDP) and the maps.
+        save_maps: also write anomaly_images/<category>/<split>/<name>.tiff (float32 maps at each image's
+            own size, MVTec AD 2's submission layout) and anomaly_images_thresholded/.../<name>.png
+            (0/255 at the calibrated threshold); <name> is the image's path below the inputs' common folder.
+    """
 
     def __init__(self, output_dir: str = "predictions", save_maps: bool = True) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
         self.save_maps = save_maps
+        self.failed = 0
+        self.written = 0
 
     def _lines_path(self, trainer: pl.Trainer) -> Path:
         suffix = f".rank{trainer.global_rank}" if trainer.world_size > 1 else ""
@@ -30,6 +63,9 @@ class PredictionWriter(BasePredictionWriter):
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._lines_path(trainer).write_text("")
+        self.failed = self.written = 0
+        samples = trainer.datamodule.samples("predict") if trainer.datamodule is not None else []
+        self._names = output_names([s.path for s in samples])
 
     def write_on_batch_end(
         self,
@@ -42,24 +78,25 @@ class PredictionWriter(BasePredictionWriter):
         dataloader_idx: int,
     ) -> None:
         datamodule = trainer.datamodule
-        category = getattr(datamodule, "category", "custom")
-        split = getattr(datamodule, "predict_split", "predict")
+        category = sanitize(str(getattr(datamodule, "category", "custom")))
+        split = sanitize(str(getattr(datamodule, "predict_split", "predict")))
         threshold = prediction["threshold"]
         lines = []
         for i, path in enumerate(prediction["path"]):
             score = float(prediction["score"][i])
-            lines.append(
-                {
-                    "index": int(prediction["index"][i]),
-                    "path": path,
-                    "category": category,
-                    "score": score,
-                    "threshold": threshold,
-                    "pred": int(score >= threshold) if threshold is not None else None,
-                }
-            )
+            lines.append({
+                "index": int(prediction["index"][i]), "path": path, "category": category, "score": score,
+                "threshold": threshold, "pred": int(score >= threshold) if threshold is not None else None,
+            })  # fmt: skip
             if self.save_maps:
                 self._write_map(Path(path), prediction["anomaly_map"][i], threshold, category, split)
+        for failure in prediction["failed"]:
+            lines.append({
+                "index": failure["index"], "path": failure["path"], "category": category, "score": None,
+                "threshold": threshold, "pred": None, "error": failure["error"],
+            })  # fmt: skip
+        self.failed += len(prediction["failed"])
+        self.written += len(lines)
         with self._lines_path(trainer).open("a") as stream:
             stream.writelines(json.dumps(line) + "\n" for line in lines)
 
@@ -67,10 +104,13 @@ class PredictionWriter(BasePredictionWriter):
         with Image.open(path) as image:
             width, height = image.size
         resized = F.interpolate(anomaly_map[None].float(), (height, width), mode="bilinear")[0, 0].cpu().numpy()
-        maps_dir = self.output_dir / "anomaly_images" / category / split
-        maps_dir.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(resized.astype(np.float32), mode="F").save(maps_dir / f"{path.stem}.tiff")
+        name = self._names.get(str(path), Path(sanitize(path.stem)))
+        relative = Path(category, split, name.parent)
+        maps = Image.fromarray(resized.astype(np.float32), mode="F")
+        write_atomic(
+            self.output_dir / "anomaly_images" / relative / f"{name.name}.tiff", partial(maps.save, format="TIFF")
+        )
         if threshold is not None:
-            binary_dir = self.output_dir / "anomaly_images_thresholded" / category / split
-            binary_dir.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(((resized >= threshold) * 255).astype(np.uint8)).save(binary_dir / f"{path.stem}.png")
+            binary = Image.fromarray(((resized >= threshold) * 255).astype(np.uint8))
+            path = self.output_dir / "anomaly_images_thresholded" / relative / f"{name.name}.png"
+            write_atomic(path, partial(binary.save, format="PNG"))

@@ -35,7 +35,12 @@ def overlay(images: Tensor, maps: Tensor, masks: Tensor, low: float, high: float
 
 
 class TensorBoardArtifacts(pl.Callback):
-    """Histograms of calibration and test scores; the top-k normals and bottom-k anomalies as overlays."""
+    """Histograms of calibration and test scores; the top-k normals and bottom-k anomalies as overlays.
+
+    Args:
+        num_images: overlays per kind (highest-scoring normals, lowest-scoring anomalies).
+        image_size: overlay size in px (square).
+    """
 
     def __init__(self, num_images: int = 4, image_size: int = 192) -> None:
         self.num_images = num_images

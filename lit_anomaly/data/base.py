@@ -71,9 +71,23 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def read_image(path: Path, size: tuple[int, int]) -> np.ndarray:
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+
+
+def check_pixels(image: Image.Image, path: Path, max_pixels: int) -> None:
+    """Refuse, from the header alone, an image declaring more pixels than `max_pixels` (a decompression bomb
+    or a wrong file): decoding it could take gigabytes."""
+    if image.width * image.height > max_pixels:
+        raise DatasetError(
+            f"{path} declares {image.width}x{image.height} = {image.width * image.height / 1e6:.0f} Mpx, above "
+            f"--data.max_image_pixels {max_pixels / 1e6:.0f} Mpx; raise the limit if the image is genuine"
+        )
+
+
+def read_image(path: Path, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode `path` and resize to `size` (H, W) with antialiasing; returns (H, W, 3) uint8."""
     with Image.open(path) as image:
+        check_pixels(image, path, max_pixels)
         if image.format == "JPEG":
             image.draft("RGB", (size[1], size[0]))  # decode JPEGs at reduced scale when much larger
         array = to_rgb_array(image)
@@ -96,25 +110,29 @@ def read_mask(paths: Sequence[Path], size: tuple[int, int]) -> np.ndarray:
 
 
 class AnomalyDataset(Dataset):
-    """Decodes samples to uint8 tensors; a decoding failure becomes an `error` entry, raised in the main process."""
+    """Decodes samples to uint8 tensors; a decoding failure becomes an `error` entry for the main process."""
 
-    def __init__(self, samples: Sequence[Sample], image_size: tuple[int, int]) -> None:
+    def __init__(
+        self, samples: Sequence[Sample], image_size: tuple[int, int], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    ) -> None:
         self.samples = list(samples)
         self.image_size = image_size
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
+        failed = {"index": index, "path": str(sample.path)}
         try:
-            image = read_image(sample.path, self.image_size)
-        except Exception as error:  # corrupt, truncated or unreadable: reported by the main process
-            return {"error": f"cannot read image {sample.path}: {error}"}
+            image = read_image(sample.path, self.image_size, self.max_pixels)
+        except Exception as error:  # corrupt, truncated, too large or unreadable: reported by the main process
+            return {**failed, "error": f"cannot read image {sample.path}: {error}"}
         try:
             mask = read_mask(sample.masks, self.image_size)
         except Exception as error:
-            return {"error": f"cannot read mask {', '.join(map(str, sample.masks))}: {error}"}
+            return {**failed, "error": f"cannot read mask {', '.join(map(str, sample.masks))}: {error}"}
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
             "label": torch.tensor(sample.label, dtype=torch.long),
@@ -127,15 +145,21 @@ class AnomalyDataset(Dataset):
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    errors = [item["error"] for item in items if "error" in item]
-    return {"error": errors[0]} if errors else default_collate(items)
+    """The readable items as one batch; unreadable ones under `failed` as {index, path, error}."""
+    failed = [item for item in items if "error" in item]
+    readable = [item for item in items if "error" not in item]
+    batch = default_collate(readable) if readable else {}
+    batch["failed"] = failed
+    return batch
 
 
-def to_float_batch(batch: dict[str, Any]) -> dict[str, Any]:
-    """The loader carries uint8 (4x less IPC and host-to-device traffic); models get float in [0, 1]."""
-    if "error" in batch:
-        raise DatasetError(batch["error"])
-    if batch["image"].dtype == torch.uint8:
+def to_float_batch(batch: dict[str, Any], strict: bool = True) -> dict[str, Any]:
+    """The loader carries uint8 (4x less IPC and host-to-device traffic); models get float in [0, 1].
+
+    `strict` raises on a batch with unreadable files (everywhere but predict)."""
+    if strict and batch.get("failed"):
+        raise DatasetError(batch["failed"][0]["error"])
+    if "image" in batch and batch["image"].dtype == torch.uint8:
         batch["image"] = batch["image"].float().div_(255.0)
         batch["mask"] = batch["mask"].float()
     return batch
@@ -164,6 +188,24 @@ class AnomalyDataModule(pl.LightningDataModule):
 
     Subclasses implement `_train_samples`, `_test_samples` and `categories`, and may override
     `_calibration_samples` (a dedicated validation folder) and `_predict_samples`.
+
+    Args:
+        root: folder that holds the dataset's categories, laid out as distributed.
+        category: category folder name under root; `all` (fit+test only) runs every category in turn.
+        image_size: model input size [H, W] in pixels (or one int for square), at least 8; images and
+            masks are resized to it.
+        train_batch_size: images per batch while fitting.
+        eval_batch_size: images per batch for calibration, test and predict.
+        num_workers: DataLoader processes decoding images (capped at the CPU count); 0 decodes in-process.
+        limit_train: fit on a seeded subset of at most this many train images (>= 1); null for all.
+        limit_test: test on a seeded subset of at most this many images, normal and anomalous in
+            proportion (>= 1); null for all.
+        calibration_fraction: share of train normals held out from fitting to calibrate on, in [0, 1);
+            0 (default) fits on all of them and scores them out of sample instead.
+        seed: seed of the hold-out and the limits.
+        predict_dir: folder (searched recursively) of images for `predict`; needs no dataset tree.
+        max_image_pixels: refuse, before decoding, any image whose header declares more pixels than this
+            (default 100 Mpx).
     """
 
     CATEGORIES: tuple[str, ...] = ()
@@ -182,6 +224,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         calibration_fraction: float = 0.0,
         seed: int = 0,
         predict_dir: str | Path | None = None,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -204,7 +247,11 @@ class AnomalyDataModule(pl.LightningDataModule):
         self.calibration_fraction = calibration_fraction
         self.seed = seed
         self.predict_dir = Path(predict_dir) if predict_dir else None
+        if max_image_pixels < 1:
+            raise DatasetError(f"--data.max_image_pixels must be a positive number of pixels, got {max_image_pixels}")
+        self.max_image_pixels = max_image_pixels
         self.splits: dict[str, list[Sample]] = {}
+        self.data_notes: dict[str, str] = {}  # oddities found in the files: resized or missing masks
 
     # ---- what a family provides -------------------------------------------------------------
     @classmethod
@@ -296,6 +343,40 @@ class AnomalyDataModule(pl.LightningDataModule):
             test = limit_test_samples(test, self.limit_test, self.seed)
         predict = self._predict_dir_samples() if self.predict_dir is not None else self._predict_samples()
         self.splits = {"train": train, "calibration": calibration, "test": test, "predict": predict}
+        self.data_notes = self._check_headers(train + calibration + test)
+
+    def _check_headers(self, samples: list[Sample]) -> dict[str, str]:
+        """Open every image and mask header (no decoding): a file that cannot be read or is too large fails
+        here, on every DDP rank alike, before any fitting; masks of another size or missing are noted."""
+        resized, missing = [], []
+        for sample in samples:
+            try:
+                with Image.open(sample.path) as image:
+                    check_pixels(image, sample.path, self.max_image_pixels)
+                    size = image.size
+                for mask_path in sample.masks:
+                    with Image.open(mask_path) as mask:
+                        if mask.size != size:
+                            resized.append(
+                                f"{mask_path} ({mask.size[0]}x{mask.size[1]} for a {size[0]}x{size[1]} image)"
+                            )
+            except DatasetError:
+                raise
+            except Exception as error:
+                raise DatasetError(f"cannot read {sample.path} or its mask: {error}") from error
+            if sample.label == 1 and not sample.masks:
+                missing.append(str(sample.path))
+        notes = {}
+        if resized:
+            notes["masks_resized"] = (
+                f"{len(resized)} masks differ in size from their image and were resized (nearest), e.g. {resized[0]}"
+            )
+        if missing:
+            notes["masks_missing"] = (
+                f"{len(missing)} anomalous images have no ground-truth mask and are left out of the pixel "
+                f"metrics, e.g. {missing[0]}"
+            )
+        return notes
 
     def _predict_dir_samples(self) -> list[Sample]:
         if not self.predict_dir.is_dir():
@@ -320,7 +401,7 @@ class AnomalyDataModule(pl.LightningDataModule):
     def dataloader(self, split: str) -> DataLoader:
         batch_size = self.train_batch_size if split == "train" else self.eval_batch_size
         return DataLoader(
-            AnomalyDataset(self.samples(split), self.image_size),
+            AnomalyDataset(self.samples(split), self.image_size, self.max_image_pixels),
             batch_size=batch_size,
             shuffle=False,  # memory-bank detectors need no shuffling, and fixed order keeps runs reproducible
             num_workers=self.num_workers,
@@ -342,9 +423,10 @@ class AnomalyDataModule(pl.LightningDataModule):
         return self.dataloader("predict")
 
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        if "error" in batch:  # raised here, in the main process, not as a worker's stack trace
-            raise DatasetError(batch["error"])
+        # raised here, in the main process, not as a worker's stack trace; predict goes on without the file
+        if batch["failed"] and not self.trainer.predicting:
+            raise DatasetError(batch["failed"][0]["error"])
         return batch
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        return to_float_batch(batch)
+        return to_float_batch(batch, strict=False)

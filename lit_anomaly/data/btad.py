@@ -14,6 +14,8 @@ def _dataset_root(root: Path) -> Path:
 
 
 class BTAD(AnomalyDataModule):
+    """BTAD (categories 01, 02, 03) as distributed: train/ok, test/ok, test/ko, ground_truth/ko."""
+
     CATEGORIES = ("01", "02", "03")
     EXPECTED_TREE = f"""<root>/<category>/train/ok/0000.bmp|png
 <root>/<category>/test/ok/0000.bmp|png

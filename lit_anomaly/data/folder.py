@@ -17,7 +17,13 @@ def _normal_folder(parent: Path) -> Path | None:
 
 
 class Folder(AnomalyDataModule):
-    """`root` is the dataset folder itself; `category` only names the results (default "custom")."""
+    """Your own images: train/good (or normal, ok), test/good and test/<defect>, optional ground_truth/<defect>.
+
+    Args:
+        root: the dataset folder itself (it holds train/ and test/).
+        category: only names the results (default "custom"); `all` is not supported.
+        **kwargs: the arguments every datamodule takes (image_size, batch sizes, limits, ...).
+    """
 
     EXPECTED_TREE = """<root>/train/{good|normal|ok}/*.png|jpg|jpeg|bmp|tif|tiff
 <root>/test/{good|normal|ok}/...

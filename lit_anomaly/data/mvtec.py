@@ -21,6 +21,8 @@ def _test_folders(test_root: Path, mask_root: Path) -> list[Sample]:
 
 
 class MVTecAD(AnomalyDataModule):
+    """MVTec AD (15 categories) as distributed: train/good, test/<defect>, ground_truth/<defect>/*_mask.png."""
+
     CATEGORIES = (
         "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
         "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
@@ -50,7 +52,14 @@ def _discover(cls: type[AnomalyDataModule], root: Path) -> list[str]:
 
 
 class MVTecAD2(AnomalyDataModule):
-    """`validation/good` is the calibration split; private splits are unlabelled and only predicted."""
+    """MVTec AD 2: `validation/good` adds calibration normals; private test splits are unlabelled and only predicted.
+
+    Args:
+        root: folder that holds the categories, laid out as distributed.
+        category: category folder name under root, or `all` (fit+test only).
+        predict_split: what `predict` scores: test_public, test_private or test_private_mixed.
+        **kwargs: the arguments every datamodule takes (image_size, batch sizes, limits, ...).
+    """
 
     CATEGORIES = ("can", "fabric", "fruit_jelly", "rice", "sheet_metal", "vial", "wallplugs", "walnuts")
     PREDICT_SPLITS = ("test_public", "test_private", "test_private_mixed")
@@ -93,7 +102,8 @@ class MVTecAD2(AnomalyDataModule):
 
 
 class MVTecLOCO(AnomalyDataModule):
-    """Each anomalous image has a folder of masks, one per annotated defect, OR-ed into one mask."""
+    """MVTec LOCO AD: logical and structural anomalies; each anomalous image has a folder of masks, one per
+    annotated defect, OR-ed into one mask; `validation/good` adds calibration normals; AU-sPRO is reported."""
 
     CATEGORIES = ("breakfast_box", "juice_bottle", "pushpins", "screw_bag", "splicing_connectors")
     DEFECT_TYPES = ("logical_anomalies", "structural_anomalies")

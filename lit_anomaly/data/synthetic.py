@@ -252,7 +252,13 @@ def write_synthetic(
 
 
 class SyntheticMVTecAD(MVTecAD):
-    """MVTec AD layout generated into `root` on first use: the offline demo's dataset."""
+    """MVTec AD layout generated into `root` on first use: the offline demo's dataset (carpet, tile).
+
+    Args:
+        root: where the synthetic categories are written on first use (default ~/.cache/lit-anomaly/demo).
+        category: carpet, tile or `all`.
+        **kwargs: the arguments every datamodule takes (image_size, batch sizes, limits, ...).
+    """
 
     DEMO_CATEGORIES = ("carpet", "tile")
     DEFAULT_ROOT = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lit-anomaly" / "demo"

@@ -22,6 +22,8 @@ def _read_split_csv(root: Path) -> list[dict[str, str]]:
 
 
 class VisA(AnomalyDataModule):
+    """VisA (12 categories): the raw tree driven by split_csv/1cls.csv, or the MVTec-like converted layout."""
+
     CATEGORIES = (
         "candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1",
         "macaroni2", "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum",

@@ -49,11 +49,20 @@ def image_metrics(scores: Tensor, labels: Tensor, threshold: float | None) -> tu
         notes.update({k: reason for k in IMAGE_KEYS[2:]})
         return metrics, notes
     predictions = (scores >= threshold).long()
+    undefined = {  # a ratio whose denominator is empty: null with the reason, never a 0 that means nothing
+        "image_f1": "no anomalous test images" if not labels.any() else None,
+        "image_recall": "no anomalous test images" if not labels.any() else None,
+        "image_precision": "no test image is at or above the threshold" if not predictions.any() else None,
+        "image_specificity": "no normal test images" if labels.all() else None,
+    }
     for key, fn in (
         ("image_f1", binary_f1_score), ("image_precision", binary_precision),
         ("image_recall", binary_recall), ("image_specificity", binary_specificity),
     ):  # fmt: skip
-        metrics[key] = float(fn(predictions, labels))
+        if undefined[key]:
+            notes[key] = undefined[key]
+        else:
+            metrics[key] = float(fn(predictions, labels))
     return metrics, notes
 
 

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..metrics import aupro, image_metrics, pixel_auroc, resolve_quantile
 from ..metrics.calibration import SPLIT, TRAIN, Calibration, ThresholdCalibrator
+from .components import blur_kernel_size
 
 
 class FrozenDDPStrategy(DDPStrategy):
@@ -95,6 +96,16 @@ class AnomalyModule(pl.LightningModule):
     final model. All these scores calibrate the threshold by the rank rule (`ThresholdCalibrator`);
     the result is `self.calibration`, and the threshold is a buffer, so checkpoints carry it.
     test: image and pixel metrics on raw scores, returned as `self.test_result`.
+
+    Args:
+        calibration_quantile: threshold quantile q in (0, 1): at most a share 1 - q of good parts the
+            detector never saw is flagged, on average. Default 0.995 (unless contamination is given).
+        contamination: alternative to calibration_quantile: the expected share of flagged good parts,
+            in (0, 1); q = 1 - contamination. Give one of the two, not both.
+        calibration: how train normals are scored for the threshold: leave-one-out (default), k-fold:K
+            (K >= 2 refits), or none (only held-out or validation normals calibrate).
+        pixel_eval_size: compute pixel metrics at this square size in px (default: the input size).
+        aupro_fpr_limit: false-positive-rate limit of AUPRO, in (0, 1]; MVTec's 0.3 by default.
     """
 
     trains_with_gradients = False  # memory-bank detectors: one pass over train, no optimiser
@@ -116,6 +127,8 @@ class AnomalyModule(pl.LightningModule):
         self.calibrator = ThresholdCalibrator(self.quantile)
         self.register_buffer("threshold", torch.tensor(math.nan, dtype=torch.float64))
         self.register_buffer("fitted", torch.tensor(False))
+        # the input size [H, W] the detector was fitted at (0, 0 before): a checkpoint carries its preprocessing
+        self.register_buffer("fit_image_size", torch.zeros(2, dtype=torch.long))
         self.calibration: Calibration | None = None
         self.test_result: TestResult | None = None
 
@@ -165,6 +178,27 @@ class AnomalyModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit" and not self.trains_with_gradients:
             self.trainer.fit_loop.max_epochs = 1  # a memory bank is built from one pass over train
+        size = getattr(self.trainer.datamodule, "image_size", None)
+        if size is not None and stage == "fit":
+            self.check_image_size(tuple(size))
+
+    def check_image_size(self, size: tuple[int, int]) -> None:
+        """Fail before fitting, naming the flag, if the backbone or the map's blur cannot take `size`."""
+        sigma = getattr(self.model, "blur_sigma", 0.0)
+        needed = blur_kernel_size(sigma) // 2 + 1 if sigma > 0 else 1
+        if min(size) < needed:
+            raise ValueError(
+                f"--data.image_size {list(size)} is too small for {type(self).__name__}: the anomaly map's blur "
+                f"(blur_sigma {sigma}) needs at least {needed} px a side"
+            )
+        try:
+            with torch.no_grad():
+                self.model.extractor(torch.zeros(1, 3, *size, device=self.device))
+        except RuntimeError as error:
+            raise ValueError(
+                f"--data.image_size {list(size)} is too small for backbone {self.model.extractor.backbone!r}: "
+                f"{str(error).splitlines()[0]}"
+            ) from error
 
     def configure_optimizers(self) -> Any:
         return None
@@ -189,8 +223,18 @@ class AnomalyModule(pl.LightningModule):
         return torch.tensor(fresh, dtype=torch.bool, device=index.device)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.fit_image_size.copy_(torch.tensor(batch["image"].shape[-2:]))
         with torch.no_grad():
             self.learn(batch)
+
+    def check_input_size(self, images: Tensor) -> None:
+        """A fitted detector only scores images of the size it was fitted at: anything else is silently wrong."""
+        fitted = tuple(self.fit_image_size.tolist())
+        if any(fitted) and tuple(images.shape[-2:]) != fitted:
+            raise ValueError(
+                f"--data.image_size {list(images.shape[-2:])} differs from the size the detector was fitted at, "
+                f"{list(fitted)}: pass --data.image_size {list(fitted)}"
+            )
 
     def _finish_fit_once(self) -> None:
         if bool(self.fitted):
@@ -231,6 +275,19 @@ class AnomalyModule(pl.LightningModule):
             self.log("threshold", calibration.threshold, sync_dist=True)
 
     # ---- test -------------------------------------------------------------------------------
+    def _check_fitted(self) -> None:
+        if not bool(self.fitted):
+            raise ValueError(
+                f"the {type(self).__name__} detector is not fitted: fit it first, or pass --ckpt_path FILE "
+                "(a detector.ckpt written by lit-anomaly fit)"
+            )
+
+    def on_test_start(self) -> None:
+        self._check_fitted()
+
+    def on_predict_start(self) -> None:
+        self._check_fitted()
+
     def on_test_epoch_start(self) -> None:
         self._test: list[dict[str, Tensor]] = []
 
@@ -242,6 +299,7 @@ class AnomalyModule(pl.LightningModule):
         return maps[:, 0], F.interpolate(masks, size=size, mode="nearest")[:, 0]
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.check_input_size(batch["image"])
         output = self(batch["image"])
         maps, masks = self._eval_resolution(output["anomaly_map"].float(), batch["mask"])
         self._test.append(
@@ -276,6 +334,11 @@ class AnomalyModule(pl.LightningModule):
     def pixel_metrics(self, results: dict[str, Tensor], notes: dict[str, str]) -> dict[str, float | None]:
         usable = results["has_mask"] & (results["label"] >= 0)
         maps, masks = results["map"][usable], results["mask"][usable]
+        empty = int(((results["label"] == 1) & results["has_mask"] & ~results["mask"].flatten(1).any(1)).sum())
+        if empty:
+            notes["masks_empty"] = (
+                f"{empty} anomalous test images have an all-zero mask: they add normal pixels only to the pixel metrics"
+            )
         if not masks.any() or masks.all():
             reason = "no ground-truth masks for anomalous test images" if not masks.any() else "no normal pixels"
             notes.update(pixel_auroc=reason, pixel_aupro=reason)
@@ -287,8 +350,12 @@ class AnomalyModule(pl.LightningModule):
 
     # ---- predict ----------------------------------------------------------------------------
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        output = self(batch["image"])
+        """Scores of the readable images; unreadable ones pass through under `failed`."""
         threshold = self.calibrated_threshold
+        if "image" not in batch:  # every file of the batch failed to decode
+            return {"path": [], "failed": batch["failed"], "threshold": threshold}
+        self.check_input_size(batch["image"])
+        output = self(batch["image"])
         output["pred"] = output["score"] >= threshold if threshold is not None else None
-        output.update(index=batch["index"], path=batch["path"], threshold=threshold)
+        output.update(index=batch["index"], path=batch["path"], threshold=threshold, failed=batch["failed"])
         return output

@@ -27,6 +27,7 @@ from ..metrics import au_spro, image_metrics
 from ..models import MODELS, AnomalyModule
 from ..models.base import TestResult
 from ..reporting import RunError, RunFolder, build_report, environment
+from ..reporting.run_folder import replace_atomic, sanitize
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "accelerator": "auto",
@@ -52,16 +53,26 @@ QUIET = (  # Lightning advice that does not apply to one-pass, optimiser-free de
 
 @dataclass
 class RunConfig:
-    """Where results go. output_dir: exactly this folder (default runs/<time>_<dataset>_<model>);
-    save: write the run folder; per_image_jsonl: write per-image records; output: copy of the top-level
-    report at this path; resume: re-use this run folder and skip categories finished there;
-    checkpoints: also save each category's fitted detector (threshold inside) as detector.ckpt."""
+    """Where a benchmark run's results go.
+
+    Args:
+        output_dir: write the run folder exactly here (new or empty); default <parent_dir>/<time>_<dataset>_<model>.
+        save: write the run folder at all (false: only the JSON summary on stdout).
+        per_image_jsonl: write categories/<category>/per_image.jsonl, one record per test image.
+        output: also write a copy of the top-level report.json to this file.
+        resume: continue the run in this folder: finished categories are kept, the rest run with the
+            folder's own settings; settings that change results must match.
+        resume_force: resume even when settings that change results differ (the report then mixes them).
+        parent_dir: folder under which default run folders are made.
+        checkpoints: also save each category's fitted, calibrated detector as categories/<category>/detector.ckpt.
+    """
 
     output_dir: str | None = None
     save: bool = True
     per_image_jsonl: bool = True
     output: str | None = None
     resume: str | None = None
+    resume_force: bool = False
     parent_dir: str = "runs"
     checkpoints: bool = False
 
@@ -144,12 +155,28 @@ def make_trainer(trainer: Mapping[str, Any] | None, run_dir: Path | None, catego
     callbacks = list(kwargs.pop("callbacks", None) or [])
     logger = kwargs.pop("logger", True)
     if run_dir is not None and logger is True:
-        logger = TensorBoardLogger(save_dir=run_dir / "tensorboard", name=category, version="", default_hp_metric=False)
+        logger = TensorBoardLogger(
+            save_dir=run_dir / "tensorboard", name=sanitize(category), version="", default_hp_metric=False
+        )  # a category name from the user never leads outside the run folder
         callbacks.append(TensorBoardArtifacts())
     elif logger is True:
         logger = False
     kwargs.setdefault("default_root_dir", run_dir or None)
     return pl.Trainer(logger=logger, callbacks=callbacks, **kwargs)
+
+
+def save_checkpoint(trainer: pl.Trainer, path: Path) -> None:
+    """Lightning's checkpoint, written atomically: a kill or a full disk leaves the previous file or none.
+
+    Every rank calls it (Lightning synchronises them); global rank 0 writes."""
+    temporary = path.with_name(f".{path.name}.partial")
+    try:
+        trainer.save_checkpoint(temporary)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    if trainer.is_global_zero:
+        replace_atomic(temporary, path)
 
 
 def _per_image_records(
@@ -220,14 +247,17 @@ def run_benchmark_category(
     lightning.fit(detector, datamodule=datamodule)
     fitted = time.perf_counter()
     calibration = detector.calibration
-    if lightning.is_global_zero and (shortfall := calibration.shortfall_message()):
-        print(f"lit-anomaly: warning: {category}: {shortfall}", file=sys.stderr)
+    warn = [calibration.shortfall_message(), *datamodule.data_notes.values()]
     if checkpoint is not None:
-        lightning.save_checkpoint(checkpoint)  # every rank calls it; rank 0 writes
+        save_checkpoint(lightning, Path(checkpoint))
     lightning.test(detector, datamodule=datamodule, verbose=False)
     tested = time.perf_counter()
     result = detector.test_result
-    metrics, notes = dict(result.metrics), dict(result.notes)
+    metrics, notes = dict(result.metrics), {**datamodule.data_notes, **result.notes}
+    if "masks_empty" in result.notes:
+        warn.append(result.notes["masks_empty"])
+    for line in filter(None, warn) if lightning.is_global_zero else ():
+        print(f"lit-anomaly: warning: {category}: {line}", file=sys.stderr)
     if hasattr(datamodule, "spro_defects"):
         metrics["pixel_spro"], why = _spro(result, datamodule)
         if why:
@@ -281,12 +311,10 @@ def run_benchmark_all(
     model, data = model_spec(model), data_spec(data)
     run = RunConfig(**run) if isinstance(run, Mapping) else run or RunConfig()
     is_zero = process_rank() == 0
-    if run.output and not Path(run.output).expanduser().parent.is_dir():
-        raise RunError(f"--run.output {run.output}: folder {Path(run.output).parent} does not exist")
-    if run.resume:
-        folder = RunFolder.resume(run.resume, data.name, model.name, writable=is_zero and run.save)
-    else:
-        folder = RunFolder.create(run.output_dir, run.parent_dir, data.name, model.name, is_zero and run.save)
+    writes = is_zero and run.save
+    check_output_copy(run.output)
+    if categories:
+        _check_settings(model, data, categories[0])
     config = _plain(
         {
             "model": model.as_config(),
@@ -295,17 +323,66 @@ def run_benchmark_all(
             "run": asdict(run),
         }
     )
-    if config_yaml is None:
-        config_yaml = yaml.safe_dump(config, sort_keys=False)
+    if run.resume:
+        folder = RunFolder.resume(run.resume, data.name, model.name, writable=writes)
+        config, config_yaml = folder.check_resumable(config, run.resume_force), None  # the folder keeps its config
+    else:
+        folder = RunFolder.create(run.output_dir, run.parent_dir, data.name, model.name, writable=writes)
+        config_yaml = config_yaml or yaml.safe_dump(config, sort_keys=False)
     env = environment(device=str(trainer_kwargs(trainer)["accelerator"]))
     run_dir = folder.path if run.save else None
-    per_category = folder.finished(categories) if run.resume else {}
+    folder.open(resuming=bool(run.resume))
+    try:
+        per_category = folder.finished(categories) if run.resume else {}
 
-    def report() -> dict[str, Any]:
-        ordered = {c: per_category[c] for c in categories if c in per_category}
-        return build_report(data.name, model.name, categories, ordered, run_dir, config, env)
+        def report() -> dict[str, Any]:
+            ordered = {c: per_category[c] for c in categories if c in per_category}
+            return build_report(data.name, model.name, categories, ordered, run_dir, config, env)
 
+        folder.write_report(report(), config_yaml, None)  # resumable even if the first category never finishes
+        _run_categories(model, data, categories, trainer, run, folder, per_category, report)
+        final = report()
+        folder.write_report(final, None, run.output)
+    finally:
+        folder.close()
+    return final
+
+
+def _check_settings(model: Spec, data: Spec, category: str) -> None:
+    """Settings that fail every category fail here, once, before any folder is made or anything is fitted:
+    the datamodule's and detector's own checks, and whether the backbone takes the image size."""
+    datamodule = data.build(category=category)
+    detector = model.build()
+    detector.check_image_size(datamodule.image_size)
+    model.instance = detector  # the first category fits it
+
+
+def check_output_copy(output: str | None) -> None:
+    """`--run.output FILE` must be writable before the run starts, not found wanting after it."""
+    if not output:
+        return
+    path = Path(output).expanduser()
+    if path.is_dir():
+        raise RunError(f"--run.output {path} is a folder; expected a file path for the report copy")
+    if not path.parent.is_dir():
+        raise RunError(f"--run.output {path}: folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise RunError(f"--run.output {path}: folder {path.parent} is not writable")
+
+
+def _run_categories(
+    model: Spec,
+    data: Spec,
+    categories: Sequence[str],
+    trainer: Mapping[str, Any] | None,
+    run: RunConfig,
+    folder: RunFolder,
+    per_category: dict[str, dict],
+    report: Any,
+) -> None:
+    run_dir = folder.path if run.save else None
     console = Console(stderr=True)
+    is_zero = process_rank() == 0
     with (
         warnings.catch_warnings(),
         Progress(
@@ -327,14 +404,12 @@ def run_benchmark_all(
                 records = result.pop("records")
             except Exception as error:  # recorded; the other categories still run
                 result, records = _failed(category, error), None
-                console.print(f"[red]category {category} failed:[/red] {result['error']}")
+                if is_zero:
+                    console.print(f"[red]category {category} failed:[/red] {result['error']}")
             per_category[category] = result
             folder.write_category(result, records if run.per_image_jsonl else None)
-            folder.write_report(report(), config_yaml, None)  # what finished is on disk even if the run dies
+            folder.write_report(report(), None, None)  # what finished is on disk even if the run dies
             progress.advance(task)
-    final = report()
-    folder.write_report(final, config_yaml, run.output)
-    return final
 
 
 def _plain(value: Any) -> Any:

@@ -9,7 +9,7 @@ import platform
 import re
 import subprocess
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,17 +25,46 @@ class RunError(ValueError):
     """A run folder or output path that cannot be used; the message names it."""
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def replace_atomic(temporary: Path, path: Path) -> None:
+    """Give a finished temporary file the user's normal permissions, flush it to disk and move it over `path`:
+    a kill or a full disk leaves the previous file or none, never half a file."""
     try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp creates 0600
+        with open(temporary, "rb+") as stream:
+            os.fsync(stream.fileno())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def temporary_beside(path: Path) -> Path:
+    """An empty temporary file in `path`'s folder (created if needed), for `replace_atomic`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    return Path(temporary)
+
+
+def write_atomic(path: Path, data: str | bytes | Callable[[Path], None]) -> None:
+    """Write `data` (or let `data(temporary_path)` write) via a temporary file in the same folder, fsync and
+    rename: readers never see half a file."""
+    temporary = temporary_beside(path)
+    try:
+        if callable(data):
+            data(temporary)
+        else:
+            temporary.write_bytes(data.encode() if isinstance(data, str) else data)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    replace_atomic(temporary, path)
 
 
 def to_json(document: Any) -> str:
@@ -46,14 +75,49 @@ def sanitize(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "run"
 
 
-def default_run_dir(parent: Path, dataset: str, model: str) -> Path:
-    """`<parent>/<YYYYmmdd-HHMMSS>_<dataset>_<model>`, suffixed -2, -3 ... rather than reuse a folder."""
+def default_run_dir(parent: Path, dataset: str, model: str, create: bool) -> Path:
+    """`<parent>/<YYYYmmdd-HHMMSS>_<dataset>_<model>`, suffixed -2, -3 ... rather than reuse a folder.
+
+    With `create`, the folder is made here, exclusively: two runs started in the same second get two folders."""
     stem = f"{datetime.now().strftime('%Y%m%d-%H%M%S')}_{sanitize(dataset)}_{sanitize(model)}"
-    candidate, n = parent / stem, 1
-    while candidate.exists():
-        n += 1
-        candidate = parent / f"{stem}-{n}"
-    return candidate
+    for n in range(1, 10_000):
+        candidate = parent / (stem if n == 1 else f"{stem}-{n}")
+        if not create:
+            if not candidate.exists():
+                return candidate
+            continue
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            continue
+        except OSError as error:
+            raise RunError(f"--run.parent_dir {parent}: cannot create a run folder there ({error.strerror})") from error
+    raise RunError(f"--run.parent_dir {parent}: too many runs named {stem}")
+
+
+# Config keys that do not change results: a resumed run may differ in these.
+RESUMABLE_DIFFERENCES = (
+    "run.", "data.init_args.category", "data.init_args.num_workers", "data.init_args.eval_batch_size",
+    "data.init_args.predict_dir", "trainer.devices", "trainer.strategy", "trainer.num_nodes",
+    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.default_root_dir",
+)  # fmt: skip
+
+
+def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(config, dict):
+        items: dict[str, Any] = {}
+        for key, value in config.items():
+            items.update(flatten(value, f"{prefix}{key}."))
+        return items
+    return {prefix.rstrip("."): config}
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """Keys whose values differ between two run configs, ignoring those that do not change results."""
+    a, b = flatten(old), flatten(new)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return [k for k in keys if not k.startswith(RESUMABLE_DIFFERENCES)]
 
 
 def aggregate(per_category: dict[str, dict], keys: Iterable[str] = HEADLINE_METRICS) -> tuple[dict, dict]:
@@ -106,25 +170,36 @@ def environment(device: str | None = None) -> dict[str, Any]:
     }
 
 
+LOCK_NAME = ".lock"
+
+
 class RunFolder:
-    """The files of one run; only the process that owns the run (global rank 0) writes."""
+    """The files of one run; only the process that owns the run (global rank 0) writes, under a lock."""
 
     def __init__(self, path: Path, writable: bool = True) -> None:
         self.path = path
         self.writable = writable
+        self._lock: Any = None
 
     @classmethod
     def create(cls, output_dir: str | None, parent: str, dataset: str, model: str, writable: bool) -> RunFolder:
         if output_dir is None:
-            return cls(default_run_dir(Path(parent), dataset, model), writable)
+            return cls(default_run_dir(Path(parent).expanduser(), dataset, model, create=writable), writable)
         path = Path(output_dir).expanduser()
-        if writable and path.exists() and any(path.iterdir()):
-            raise RunError(f"--run.output_dir {path} exists and is not empty; choose a new folder or use --run.resume")
+        if path.exists() and not path.is_dir():
+            raise RunError(f"--run.output_dir {path} is a file; expected a folder (new or empty)")
+        if writable and path.is_dir() and any(p.name != LOCK_NAME for p in path.iterdir()):
+            raise RunError(
+                f"--run.output_dir {path} exists and is not empty; choose a new folder or continue it with "
+                f"--run.resume {path}"
+            )
         return cls(path, writable)
 
     @classmethod
     def resume(cls, path: str, dataset: str, model: str, writable: bool) -> RunFolder:
         folder = cls(Path(path).expanduser(), writable)
+        if not folder.path.is_dir():
+            raise RunError(f"--run.resume {folder.path} does not exist or is not a folder")
         report = folder.read_report()
         if report is None:
             raise RunError(f"--run.resume {folder.path}: no report.json there, so it is not a lit-anomaly run folder")
@@ -134,6 +209,55 @@ class RunFolder:
                 f"not {dataset}/{model}"
             )
         return folder
+
+    def check_resumable(self, config: dict, force: bool) -> dict:
+        """The folder's own config, after refusing a `config` that would change results (unless `force`)."""
+        stored = (self.read_report() or {}).get("config") or {}
+        differences = config_differences(stored, config)
+        if differences and not force:
+            there, now = flatten(stored), flatten(config)
+            shown = ", ".join(f"{k} ({there.get(k)!r} there, {now.get(k)!r} now)" for k in differences[:4])
+            raise RunError(
+                f"--run.resume {self.path} was run with other settings that change results: {shown}"
+                f"{' ...' if len(differences) > 4 else ''}; rerun with its config.yaml, or pass --run.resume_force true"
+            )
+        return stored if not differences else config
+
+    def open(self, resuming: bool) -> None:
+        """Create the folder, check it is writable and lock it for this process; a second process is refused.
+
+        The lock is an flock on `.lock`: the system drops it when the process dies, even by kill -9."""
+        if not self.writable:
+            return
+        import fcntl
+
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path / LOCK_NAME, "a+")  # noqa: SIM115 - held open for the run's lifetime
+        except OSError as error:
+            raise RunError(f"cannot write the run folder {self.path}: {error.strerror}") from error
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            handle.close()
+            raise RunError(
+                f"run folder {self.path} is in use by another lit-anomaly process (pid {owner}); wait for it to "
+                "finish or choose another --run.output_dir"
+            ) from error
+        if not resuming and (self.path / "report.json").exists():  # another run finished here since we looked
+            handle.close()
+            raise RunError(f"--run.output_dir {self.path} already holds a run; use --run.resume {self.path}")
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._lock = handle
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
 
     def category_dir(self, category: str) -> Path:
         return self.path / "categories" / sanitize(category)

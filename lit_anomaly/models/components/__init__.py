@@ -1,12 +1,15 @@
 from .backbones import BackboneError, FeatureExtractor
+from .blur import blur_kernel_size, smooth
 from .coreset import farthest_first, greedy_coreset, random_projection
 from .knn import nearest_neighbors
 
 __all__ = [
     "BackboneError",
     "FeatureExtractor",
+    "blur_kernel_size",
     "farthest_first",
     "greedy_coreset",
     "nearest_neighbors",
     "random_projection",
+    "smooth",
 ]

@@ -102,7 +102,14 @@ class FeatureExtractor(nn.Module):
             path = Path(weights_path).expanduser()
             if not path.is_file():
                 raise BackboneError(f"--model.weights_path {path} does not exist")
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as error:  # text, truncated, a pickle with code: never executed
+                raise BackboneError(
+                    f"--model.weights_path {path} is not a readable PyTorch state dict ({type(error).__name__})"
+                ) from error
+            if not isinstance(state, Mapping):
+                raise BackboneError(f"--model.weights_path {path} holds a {type(state).__name__}, not a state dict")
             load_backbone_weights(self.model, state, self.timm_name, str(path))
         elif pretrained:
             self._load_pretrained(indices)

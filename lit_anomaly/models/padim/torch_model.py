@@ -8,10 +8,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.transforms.v2.functional import gaussian_blur
 
-from ..components import FeatureExtractor
-from ..patchcore.torch_model import blur_kernel_size
+from ..components import FeatureExtractor, smooth
 
 
 class PaDiMModel(nn.Module):
@@ -70,8 +68,7 @@ class PaDiMModel(nn.Module):
     def output(self, distances: Tensor, size: Sequence[int]) -> dict[str, Tensor]:
         """Anomaly maps at the image `size`, smoothed, and image scores (their maxima)."""
         maps = F.interpolate(distances, tuple(size), mode="bilinear")
-        if self.blur_sigma > 0:
-            maps = gaussian_blur(maps, [blur_kernel_size(self.blur_sigma)] * 2, [self.blur_sigma] * 2)
+        maps = smooth(maps, self.blur_sigma)
         return {"score": maps.flatten(1).amax(1), "anomaly_map": maps}
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:

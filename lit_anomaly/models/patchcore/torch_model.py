@@ -8,13 +8,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.transforms.v2.functional import gaussian_blur
 
-from ..components import FeatureExtractor, farthest_first, greedy_coreset, nearest_neighbors
-
-
-def blur_kernel_size(sigma: float) -> int:
-    return 2 * int(4.0 * sigma + 0.5) + 1
+from ..components import FeatureExtractor, farthest_first, greedy_coreset, nearest_neighbors, smooth
 
 
 class PatchCoreModel(nn.Module):
@@ -91,8 +86,7 @@ class PatchCoreModel(nn.Module):
         batch, _, height, width = embedding.shape
         patch_scores, scores = self.score(embedding.flatten(2).transpose(1, 2), self.memory_bank)
         maps = F.interpolate(patch_scores.view(batch, 1, height, width), images.shape[-2:], mode="bilinear")
-        if self.blur_sigma > 0:
-            maps = gaussian_blur(maps, [blur_kernel_size(self.blur_sigma)] * 2, [self.blur_sigma] * 2)
+        maps = smooth(maps, self.blur_sigma)
         return {"score": scores, "anomaly_map": maps}
 
     def leave_one_out_scores(self, features: Tensor, bank_owner: Tensor, images: Tensor) -> Tensor:
