@@ -23,7 +23,7 @@ from .callbacks import PredictionWriter
 from .data import DATAMODULES, AnomalyDataModule, DatasetError
 from .models import MODELS, AnomalyModule
 from .models.components import BackboneError
-from .pipelines.benchmark import QUIET, TRAINER_DEFAULTS, RunConfig, process_rank, run_benchmark
+from .pipelines.benchmark import QUIET, TRAINER_DEFAULTS, RunConfig, process_rank, run_benchmark, save_checkpoint
 from .reporting import RunError
 
 FIT_TEST = "fit+test"
@@ -98,8 +98,12 @@ class LitAnomalyCLI(LightningCLI):
     def after_fit(self) -> None:
         """Lightning's ModelCheckpoint saves nothing without optimiser steps; a fitted detector is saved here."""
         path = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "checkpoints" / "detector.ckpt"
-        self.trainer.save_checkpoint(path)  # every rank calls it; rank 0 writes
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(self.trainer, path)
+        calibration = self.model.calibration
         if self.trainer.is_global_zero:
+            if calibration is not None and (shortfall := calibration.shortfall_message()):
+                print(f"lit-anomaly: warning: {shortfall}", file=sys.stderr)
             print(f"lit-anomaly: checkpoint with calibrated threshold saved to {path}", file=sys.stderr)
 
 
