@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -22,8 +23,17 @@ from pytorch_lightning.cli import LightningCLI
 from .callbacks import PredictionWriter
 from .data import DATAMODULES, AnomalyDataModule, DatasetError
 from .models import MODELS, AnomalyModule
+from .models.base import frozen_ddp
 from .models.components import BackboneError
-from .pipelines.benchmark import QUIET, TRAINER_DEFAULTS, RunConfig, process_rank, run_benchmark, save_checkpoint
+from .pipelines.benchmark import (
+    QUIET,
+    TRAINER_DEFAULTS,
+    RunConfig,
+    hold_out,
+    process_rank,
+    run_benchmark,
+    save_checkpoint,
+)  # fmt: skip
 from .reporting import RunError
 
 FIT_TEST = "fit+test"
@@ -84,19 +94,33 @@ class LitAnomalyCLI(LightningCLI):
         return {**LightningCLI.subcommands(), FIT_TEST: {"model", "datamodule"}}
 
     def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        model_class = _resolve(config.model.class_path) if config.get("model") else None
+        data_args = config.data.init_args if config.get("data") and config.data.get("init_args") else None
+        if model_class is not None and data_args is not None and self.subcommand != FIT_TEST:
+            data_args.update(hold_out(model_class, data_args))  # fit+test's loop does the same per category
         if self.subcommand == FIT_TEST:
             # the subcommand's own config, so `lit-anomaly fit+test --config config.yaml` reruns it
             self._config_yaml = self._parser(FIT_TEST).dump(self.config[FIT_TEST], skip_none=False)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        config = self._get(self.config_init, "trainer", default={})
+        strategy = config.get("strategy", "auto")
+        if not self.model.trains_with_gradients:
+            kwargs["strategy"] = frozen_ddp(strategy, config.get("devices", 1), config.get("num_nodes", 1))
         trainer = super().instantiate_trainer(**kwargs)
+        if isinstance(trainer, AnomalyTrainer):
+            trainer.init_kwargs["strategy"] = strategy  # each category's trainer converts it anew
         trainer.config_yaml = getattr(self, "_config_yaml", None)
         if self.subcommand == "predict" and not any(isinstance(c, PredictionWriter) for c in trainer.callbacks):
             trainer.callbacks.append(PredictionWriter(str(Path(trainer.default_root_dir) / "predictions")))
         return trainer
 
     def after_fit(self) -> None:
-        """Lightning's ModelCheckpoint saves nothing without optimiser steps; a fitted detector is saved here."""
+        """Save the fitted, calibrated detector (Lightning's ModelCheckpoint saves nothing without optimiser
+        steps, and a trained detector is calibrated only after fit)."""
+        if self.model.trains_with_gradients:  # the final weights score the held-out normals
+            self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         path = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "checkpoints" / "detector.ckpt"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_checkpoint(self.trainer, path)
@@ -105,6 +129,11 @@ class LitAnomalyCLI(LightningCLI):
             if calibration is not None and (shortfall := calibration.shortfall_message()):
                 print(f"lit-anomaly: warning: {shortfall}", file=sys.stderr)
             print(f"lit-anomaly: checkpoint with calibrated threshold saved to {path}", file=sys.stderr)
+
+
+def _resolve(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def _flag_values(args: Sequence[str], flag: str) -> list[str]:

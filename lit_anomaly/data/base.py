@@ -200,8 +200,9 @@ class AnomalyDataModule(pl.LightningDataModule):
         limit_train: fit on a seeded subset of at most this many train images (>= 1); null for all.
         limit_test: test on a seeded subset of at most this many images, normal and anomalous in
             proportion (>= 1); null for all.
-        calibration_fraction: share of train normals held out from fitting to calibrate on, in [0, 1);
-            0 (default) fits on all of them and scores them out of sample instead.
+        calibration_fraction: share of train normals held out from fitting to calibrate on, in [0, 1).
+            Default (null): 0 for detectors that score every train normal out of sample (PatchCore,
+            PaDiM), 0.1 for trained detectors (STFPM, ReverseDistillation), which calibrate on the hold-out.
         seed: seed of the hold-out and the limits.
         predict_dir: folder (searched recursively) of images for `predict`; needs no dataset tree.
         max_image_pixels: refuse, before decoding, any image whose header declares more pixels than this
@@ -221,7 +222,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         num_workers: int = 4,
         limit_train: int | None = None,
         limit_test: int | None = None,
-        calibration_fraction: float = 0.0,
+        calibration_fraction: float | None = None,
         seed: int = 0,
         predict_dir: str | Path | None = None,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
@@ -234,7 +235,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         if len(self.image_size) != 2 or min(self.image_size) < 8:
             raise DatasetError(f"--data.image_size must be [H, W] of at least 8 px, got {image_size}")
-        if not 0.0 <= calibration_fraction < 1.0:
+        if calibration_fraction is not None and not 0.0 <= calibration_fraction < 1.0:
             raise DatasetError(f"--data.calibration_fraction must be in [0, 1), got {calibration_fraction}")
         for flag, value in (("limit_train", limit_train), ("limit_test", limit_test)):
             if value is not None and value < 1:
@@ -244,7 +245,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         self.num_workers = min(num_workers, os.cpu_count() or 1)
         self.limit_train = limit_train
         self.limit_test = limit_test
-        self.calibration_fraction = calibration_fraction
+        self.calibration_fraction = calibration_fraction or 0.0
         self.seed = seed
         self.predict_dir = Path(predict_dir) if predict_dir else None
         if max_image_pixels < 1:

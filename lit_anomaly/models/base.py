@@ -30,15 +30,18 @@ class FrozenDDPStrategy(DDPStrategy):
             super().configure_ddp()
 
 
-for _name, _entry in list(StrategyRegistry.items()):  # every ddp* flavour, incl. Lightning's "auto" choice
-    if _entry["strategy"] is DDPStrategy:
-        StrategyRegistry.register(
-            _name,
-            FrozenDDPStrategy,
-            description=_entry["description"],
-            override=True,
-            **_entry["init_params"],
-        )
+def frozen_ddp(strategy: Any, devices: Any = 1, num_nodes: int = 1) -> Any:
+    """The strategy to give a Trainer of a detector without trainable parameters: Lightning's DDP flavours
+    (by name, or "auto" over several devices or nodes) become FrozenDDPStrategy; anything else passes through.
+    Only trainers that lit-anomaly builds get it: Lightning's own registry is left alone."""
+    if isinstance(strategy, str) and strategy in StrategyRegistry:
+        entry = StrategyRegistry[strategy]
+        if entry["strategy"] is DDPStrategy:
+            return FrozenDDPStrategy(**entry["init_params"])
+    several = (isinstance(devices, int) and devices > 1) or (isinstance(devices, (list, tuple)) and len(devices) > 1)
+    if strategy in (None, "auto") and (several or (num_nodes or 1) > 1):
+        return FrozenDDPStrategy()
+    return strategy
 
 
 def gather_by_index(module: pl.LightningModule, index: Tensor, *values: Tensor) -> tuple[Tensor, ...]:
@@ -227,6 +230,16 @@ class AnomalyModule(pl.LightningModule):
         with torch.no_grad():
             self.learn(batch)
 
+    def score(self, images: Tensor) -> dict[str, Tensor]:
+        """`forward`, refusing non-finite scores: they would turn every metric and decision silently wrong."""
+        output = self(images)
+        if not torch.isfinite(output["score"]).all():
+            raise ValueError(
+                f"{type(self).__name__} produced non-finite anomaly scores: a trained detector diverged "
+                "(lower --model.lr) or the weights are broken"
+            )
+        return output
+
     def check_input_size(self, images: Tensor) -> None:
         """A fitted detector only scores images of the size it was fitted at: anything else is silently wrong."""
         fitted = tuple(self.fit_image_size.tolist())
@@ -257,7 +270,7 @@ class AnomalyModule(pl.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if not self.trainer.sanity_checking:
-            self.calibrator.update(self(batch["image"])["score"], batch["index"], SPLIT)
+            self.calibrator.update(self.score(batch["image"])["score"], batch["index"], SPLIT)
 
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
@@ -266,6 +279,10 @@ class AnomalyModule(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         self._finish_fit_once()  # when there is no calibration split, validation never ran
         train_method = self.train_scoring if self.folds == 0 else f"{self.train_scoring}:{self.folds}"
+        self._calibrate(train_method)
+
+    def _calibrate(self, train_method: str | None) -> None:
+        """Turn the collected out-of-sample scores into `self.calibration` and the threshold buffer."""
         split_method = getattr(self.trainer.datamodule, "calibration_source", None) or "hold-out"
         calibration = self.calibrator.compute(train_method, split_method)
         calibration.seconds = self._calibration_seconds
@@ -300,7 +317,7 @@ class AnomalyModule(pl.LightningModule):
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.check_input_size(batch["image"])
-        output = self(batch["image"])
+        output = self.score(batch["image"])
         maps, masks = self._eval_resolution(output["anomaly_map"].float(), batch["mask"])
         self._test.append(
             {
@@ -355,7 +372,74 @@ class AnomalyModule(pl.LightningModule):
         if "image" not in batch:  # every file of the batch failed to decode
             return {"path": [], "failed": batch["failed"], "threshold": threshold}
         self.check_input_size(batch["image"])
-        output = self(batch["image"])
+        output = self.score(batch["image"])
         output["pred"] = output["score"] >= threshold if threshold is not None else None
         output.update(index=batch["index"], path=batch["path"], threshold=threshold, failed=batch["failed"])
         return output
+
+
+class TrainedAnomalyModule(AnomalyModule):
+    """Lifecycle of detectors trained by gradient steps (STFPM, Reverse Distillation).
+
+    fit: Lightning's training loop minimises `loss`; during fit, the validation loop logs `val_loss`
+    on held-out normals (never anomaly labels), for EarlyStopping and TensorBoard. Calibration is a
+    separate `Trainer.validate` after fit: the final weights score the held-out (or the family's own
+    validation) normals and the rank rule sets the threshold. Retraining per fold would cost too
+    much, so train images are not scored out of sample.
+    """
+
+    trains_with_gradients = True
+
+    def __init__(
+        self,
+        calibration_quantile: float | None = None,
+        contamination: float | None = None,
+        pixel_eval_size: int | None = None,
+        aupro_fpr_limit: float = 0.3,
+    ) -> None:
+        super().__init__(calibration_quantile, contamination, "none", pixel_eval_size, aupro_fpr_limit)
+
+    def loss(self, images: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _calibrating(self) -> bool:
+        return self.trainer.state.fn == "validate"
+
+    def on_train_epoch_start(self) -> None:
+        pass
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        self.fit_image_size.copy_(torch.tensor(batch["image"].shape[-2:]))
+        loss = self.loss(batch["image"])
+        if not torch.isfinite(loss):  # scores would be nan: every metric silently wrong
+            raise ValueError(
+                f"{type(self).__name__} training diverged (loss {float(loss)} at step {self.global_step}); "
+                "lower --model.lr"
+            )
+        self.log("train_loss", loss, on_step=True, on_epoch=True, batch_size=len(batch["image"]))
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        pass
+
+    def on_train_end(self) -> None:
+        self.fitted.fill_(True)
+        self.calibration = Calibration(None, self.quantile, "none", 0, None, None)  # until validate calibrates
+
+    def on_validation_epoch_start(self) -> None:
+        if self._calibrating():
+            self.calibrator.reset()
+            self._calibration_seconds, self._validation_started = 0.0, time.perf_counter()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if self._calibrating():
+            self.check_input_size(batch["image"])
+            self.calibrator.update(self.score(batch["image"])["score"], batch["index"], SPLIT)
+        else:
+            loss = self.loss(batch["image"])
+            self.log("val_loss", loss, on_epoch=True, sync_dist=True, batch_size=len(batch["image"]))
+
+    def on_validation_epoch_end(self) -> None:
+        if self._calibrating():
+            self._calibration_seconds = time.perf_counter() - self._validation_started
+            self._calibrate(None)

@@ -25,7 +25,7 @@ from ..callbacks import TensorBoardArtifacts
 from ..data import DATAMODULES, AnomalyDataModule, DatasetError, Folder
 from ..metrics import au_spro, image_metrics
 from ..models import MODELS, AnomalyModule
-from ..models.base import TestResult
+from ..models.base import TestResult, frozen_ddp
 from ..reporting import RunError, RunFolder, build_report, environment
 from ..reporting.run_folder import replace_atomic, sanitize
 
@@ -150,9 +150,15 @@ def trainer_kwargs(trainer: Mapping[str, Any] | None) -> dict[str, Any]:
     return {**TRAINER_DEFAULTS, **{k: v for k, v in (trainer or {}).items() if v is not None}}
 
 
-def make_trainer(trainer: Mapping[str, Any] | None, run_dir: Path | None, category: str) -> pl.Trainer:
+def make_trainer(
+    trainer: Mapping[str, Any] | None, run_dir: Path | None, category: str, trainable: bool = False
+) -> pl.Trainer:
+    """A fresh Trainer for one category: our defaults under the caller's arguments, its own copies of the
+    callbacks (EarlyStopping keeps state), a TensorBoard logger in the run folder."""
     kwargs = trainer_kwargs(trainer)
-    callbacks = list(kwargs.pop("callbacks", None) or [])
+    if not trainable:
+        kwargs["strategy"] = frozen_ddp(kwargs.get("strategy", "auto"), kwargs["devices"], kwargs.get("num_nodes", 1))
+    callbacks = copy.deepcopy(list(kwargs.pop("callbacks", None) or []))
     logger = kwargs.pop("logger", True)
     if run_dir is not None and logger is True:
         logger = TensorBoardLogger(
@@ -239,12 +245,15 @@ def run_benchmark_category(
 
     With `checkpoint`, the fitted and calibrated detector is saved there before testing."""
     run_dir = Path(run_dir) if run_dir is not None else None
-    datamodule = data_spec(data).build(category=category)
+    model, data = model_spec(model), data_spec(data)
+    datamodule = data.build(category=category, **hold_out(model.cls, data.init_args))
     datamodule.setup()
-    detector = model_spec(model).build()
-    lightning = make_trainer(trainer, run_dir, category)
+    detector = model.build()
+    lightning = make_trainer(trainer, run_dir, category, detector.trains_with_gradients)
     started = time.perf_counter()
     lightning.fit(detector, datamodule=datamodule)
+    if detector.trains_with_gradients:  # the final weights score the held-out normals
+        lightning.validate(detector, datamodule=datamodule, verbose=False)
     fitted = time.perf_counter()
     calibration = detector.calibration
     warn = [calibration.shortfall_message(), *datamodule.data_notes.values()]
@@ -348,10 +357,18 @@ def run_benchmark_all(
     return final
 
 
+def hold_out(detector: type, data_args: Mapping[str, Any]) -> dict[str, float]:
+    """The datamodule's calibration_fraction when left at its default: trained detectors calibrate on a
+    10% hold-out; memory-bank detectors score every train normal out of sample instead."""
+    if data_args.get("calibration_fraction") is None and detector.trains_with_gradients:
+        return {"calibration_fraction": 0.1}
+    return {}
+
+
 def _check_settings(model: Spec, data: Spec, category: str) -> None:
     """Settings that fail every category fail here, once, before any folder is made or anything is fitted:
     the datamodule's and detector's own checks, and whether the backbone takes the image size."""
-    datamodule = data.build(category=category)
+    datamodule = data.build(category=category, **hold_out(model.cls, data.init_args))
     detector = model.build()
     detector.check_image_size(datamodule.image_size)
     model.instance = detector  # the first category fits it

@@ -90,7 +90,7 @@ class FeatureExtractor(nn.Module):
         self.backbone = backbone
         self.canonical_batch = canonical_batch
         self.timm_name = TIMM_NAMES.get(backbone, backbone)
-        indices = tuple(stage_index(layer) for layer in layers)
+        self.out_indices = indices = tuple(stage_index(layer) for layer in layers)
         try:
             self.model = timm.create_model(self.timm_name, pretrained=False, features_only=True, out_indices=indices)
         except (RuntimeError, ValueError, IndexError) as error:  # unknown name, or out_indices beyond the model
