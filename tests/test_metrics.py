@@ -3,7 +3,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from lit_anomaly.metrics import au_spro, aupro, image_metrics, pixel_auroc, resolve_quantile
+from lit_anomaly.metrics import au_spro, aupro, image_metrics, pixel_auroc, pixel_auroc_and_aupro, resolve_quantile
 
 
 def pairwise_auroc(scores, labels):
@@ -133,3 +133,17 @@ def test_quantile_rules():
     for bad in (0.0, 1.0, 1.5):
         with pytest.raises(ValueError, match="calibration_quantile"):
             resolve_quantile(bad)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pixel_auroc_and_aupro_from_one_sort_match_the_references(seed):
+    generator = torch.Generator().manual_seed(seed)
+    maps = torch.randint(0, 40, (4, 12, 12), generator=generator).float() / 7  # many tied scores
+    masks = torch.zeros(4, 12, 12, dtype=torch.bool)
+    masks[0, 2:5, 2:6] = masks[1, 7:11, 1:3] = masks[1, 0:2, 9:12] = True
+    maps = maps + 2.0 * masks  # defects score higher on average
+    auroc, pro = pixel_auroc_and_aupro(maps, masks, 0.3)
+    assert auroc == pytest.approx(pairwise_auroc(maps.flatten().double(), masks.flatten().long()), abs=1e-12)
+    assert auroc == pytest.approx(pixel_auroc(maps, masks), abs=1e-6)  # torchmetrics, float32
+    assert pro == pytest.approx(per_threshold_aupro(maps, masks, 0.3), abs=1e-9)
+    assert pro == aupro(maps, masks, 0.3)

@@ -28,34 +28,59 @@ def label_regions(masks: Tensor) -> tuple[np.ndarray, int]:
     return labels, count
 
 
-def _area_under_curve(scores: np.ndarray, fpr_weights: np.ndarray, pro_weights: np.ndarray, limit: float) -> float:
-    order = np.argsort(-scores, kind="stable")
-    fpr = np.cumsum(fpr_weights[order])
-    pro = np.minimum(np.cumsum(pro_weights[order]), 1.0)  # a sum of shares: rounding must not pass 1
+def _descending(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Descending order of `scores` and the mask of the last position of every run of tied scores.
+
+    Ties are read only at run ends, so the sort need not be stable: numpy's default (introsort) is
+    several times faster than a stable sort on millions of floats, and gives the same curves."""
+    order = np.argsort(-scores)
     sorted_scores = scores[order]
-    run_ends = np.append(sorted_scores[1:] != sorted_scores[:-1], True)
-    fpr = np.concatenate([[0.0], fpr[run_ends]])
-    pro = np.concatenate([[0.0], pro[run_ends]])
+    return order, np.append(sorted_scores[1:] != sorted_scores[:-1], True)
+
+
+def _area_under_curve(fpr: np.ndarray, pro: np.ndarray, limit: float) -> float:
+    """Normalised area under (fpr, pro), read at run ends, up to `limit` (PRO interpolated at the limit)."""
+    fpr, pro = np.concatenate([[0.0], fpr]), np.concatenate([[0.0], np.minimum(pro, 1.0)])  # shares: cap rounding
     inside = fpr <= limit
     x, y = fpr[inside], pro[inside]
-    if x[-1] < limit and inside.sum() < len(fpr):  # interpolate PRO at exactly the limit
+    if x[-1] < limit and inside.sum() < len(fpr):
         j = inside.sum()
         y_at = pro[j - 1] + (pro[j] - pro[j - 1]) * (limit - fpr[j - 1]) / (fpr[j] - fpr[j - 1])
         x, y = np.append(x, limit), np.append(y, y_at)
     return float(np.trapezoid(y, x) / limit)
 
 
-def aupro(maps: Tensor, masks: Tensor, fpr_limit: float = 0.3) -> float:
-    """Normalised area under the PRO curve up to `fpr_limit`; maps and masks are (N, H, W)."""
+def _curves(maps: Tensor, masks: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """From one sort of all pixels, at every distinct threshold: true and false positive rates, and FPR
+    and PRO as AUPRO defines them (FPR over defect-free pixels, PRO the mean overlap over regions)."""
     regions, n_regions = label_regions(masks)
     if n_regions == 0:
         raise ValueError("AUPRO needs at least one ground-truth region")
-    flat_regions = regions.ravel()
-    negatives = flat_regions == 0
-    sizes = np.bincount(flat_regions, minlength=n_regions + 1).astype(np.float64)
-    pro_weights = np.where(negatives, 0.0, 1.0 / (n_regions * sizes[flat_regions]))
-    fpr_weights = negatives / max(1, negatives.sum())
-    return _area_under_curve(maps.double().cpu().numpy().ravel(), fpr_weights, pro_weights, fpr_limit)
+    order, run_ends = _descending(maps.cpu().numpy().ravel())
+    region_of = regions.ravel()[order]  # one gather; every per-pixel weight follows from it
+    sizes = np.bincount(region_of, minlength=n_regions + 1).astype(np.float64)
+    share = np.divide(1.0, n_regions * sizes, out=np.zeros_like(sizes), where=sizes > 0)
+    share[0] = 0.0
+    defect = region_of > 0
+    true_positives = np.cumsum(defect)[run_ends]
+    seen = np.flatnonzero(run_ends) + 1
+    false_positives = seen - true_positives
+    n_defect, n_normal = int(true_positives[-1]), len(region_of) - int(true_positives[-1])
+    pro = np.cumsum(share[region_of])[run_ends]
+    return true_positives / max(1, n_defect), false_positives / max(1, n_normal), pro
+
+
+def aupro(maps: Tensor, masks: Tensor, fpr_limit: float = 0.3) -> float:
+    """Normalised area under the PRO curve up to `fpr_limit`; maps and masks are (N, H, W)."""
+    _, fpr, pro = _curves(maps, masks)
+    return _area_under_curve(fpr, pro, fpr_limit)
+
+
+def pixel_auroc_and_aupro(maps: Tensor, masks: Tensor, fpr_limit: float = 0.3) -> tuple[float, float]:
+    """Pixel AUROC (ties count half, exact) and AUPRO from one sort of all pixel scores."""
+    tpr, fpr, pro = _curves(maps, masks)
+    auroc = float(np.trapezoid(np.concatenate([[0.0], tpr]), np.concatenate([[0.0], fpr])))  # = Mann-Whitney
+    return auroc, _area_under_curve(fpr, pro, fpr_limit)
 
 
 def au_spro(
@@ -85,5 +110,7 @@ def au_spro(
         scores.append(pixels)
         fpr_weights.append(np.zeros(len(pixels)))
         pro_weights.append((rank < saturation) / (saturation * len(defects)))
-    pro = np.concatenate([np.zeros(scores[0].size), *pro_weights])
-    return _area_under_curve(np.concatenate(scores), np.concatenate(fpr_weights), pro, fpr_limit)
+    pro_weights = np.concatenate([np.zeros(scores[0].size), *pro_weights])
+    order, run_ends = _descending(np.concatenate(scores))
+    fpr = np.cumsum(np.concatenate(fpr_weights)[order])[run_ends]
+    return _area_under_curve(fpr, np.cumsum(pro_weights[order])[run_ends], fpr_limit)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
 from torch import Tensor
 
-from ..metrics import aupro, image_metrics, pixel_auroc, resolve_quantile
+from ..metrics import image_metrics, pixel_auroc_and_aupro, resolve_quantile
 from ..metrics.calibration import SPLIT, TRAIN, Calibration, ThresholdCalibrator
 from .components import blur_kernel_size
 
@@ -360,10 +360,8 @@ class AnomalyModule(pl.LightningModule):
             reason = "no ground-truth masks for anomalous test images" if not masks.any() else "no normal pixels"
             notes.update(pixel_auroc=reason, pixel_aupro=reason)
             return {"pixel_auroc": None, "pixel_aupro": None}
-        return {
-            "pixel_auroc": pixel_auroc(maps, masks),
-            "pixel_aupro": aupro(maps, masks, self.aupro_fpr_limit),
-        }
+        auroc, pro = pixel_auroc_and_aupro(maps, masks, self.aupro_fpr_limit)
+        return {"pixel_auroc": auroc, "pixel_aupro": pro}
 
     # ---- predict ----------------------------------------------------------------------------
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
