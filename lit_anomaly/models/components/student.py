@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import timm
 from torch import Tensor, nn
 
-from .backbones import FeatureExtractor
+from .backbones import FeatureExtractor, create_timm_model
 
 
 class StudentNetwork(nn.Module):
@@ -16,7 +15,7 @@ class StudentNetwork(nn.Module):
 
     def __init__(self, teacher: FeatureExtractor, out_indices: Sequence[int]) -> None:
         super().__init__()
-        self.model = timm.create_model(teacher.timm_name, pretrained=False, features_only=True, out_indices=out_indices)
+        self.model = create_timm_model(teacher.timm_name, pretrained=False, features_only=True, out_indices=out_indices)
         self.register_buffer("mean", teacher.mean.clone())
         self.register_buffer("std", teacher.std.clone())
 
