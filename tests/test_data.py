@@ -277,3 +277,20 @@ def test_predict_dir_needs_no_dataset_tree(tmp_path, family_roots):
     assert labels.tolist() == [-1] * 8
     with pytest.raises(DatasetError, match="predict_dir"):
         Folder(tmp_path, predict_dir=tmp_path / "none", num_workers=0).setup("predict")
+
+
+def test_decode_cache_serves_a_second_run_and_misses_changed_files(family_roots, tmp_path, monkeypatch):
+    import lit_anomaly.data.base as base
+
+    root = family_roots["MVTecAD"]
+    first = batches(make("MVTecAD", root, cache_dir=tmp_path / "cache"), "test")
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded although cached")
+
+    monkeypatch.setattr(base, "read_image", no_decoding)
+    second = batches(make("MVTecAD", root, cache_dir=tmp_path / "cache"), "test")
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+    with pytest.raises(DatasetError, match="decoded although cached"):  # another image_size is another entry
+        batches(make("MVTecAD", root, cache_dir=tmp_path / "cache", image_size=24), "test")

@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from .cache import DecodeCache
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLITS = ("train", "calibration", "test", "predict")
 
@@ -113,26 +115,43 @@ class AnomalyDataset(Dataset):
     """Decodes samples to uint8 tensors; a decoding failure becomes an `error` entry for the main process."""
 
     def __init__(
-        self, samples: Sequence[Sample], image_size: tuple[int, int], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+        self,
+        samples: Sequence[Sample],
+        image_size: tuple[int, int],
+        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        cache: DecodeCache | None = None,
     ) -> None:
         self.samples = list(samples)
         self.image_size = image_size
         self.max_pixels = max_pixels
+        self.cache = cache
+
+    def _decode(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+        files = (sample.path, *sample.masks)
+        cached = self.cache.load(files, self.image_size) if self.cache is not None else None
+        if cached is not None:
+            return cached
+        try:
+            image = read_image(sample.path, self.image_size, self.max_pixels)
+        except Exception as error:  # corrupt, truncated, too large or unreadable: reported by the main process
+            raise DatasetError(f"cannot read image {sample.path}: {error}") from error
+        try:
+            mask = read_mask(sample.masks, self.image_size)
+        except Exception as error:
+            raise DatasetError(f"cannot read mask {', '.join(map(str, sample.masks))}: {error}") from error
+        if self.cache is not None:
+            self.cache.store(files, self.image_size, image, mask)
+        return image, mask
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
-        failed = {"index": index, "path": str(sample.path)}
         try:
-            image = read_image(sample.path, self.image_size, self.max_pixels)
-        except Exception as error:  # corrupt, truncated, too large or unreadable: reported by the main process
-            return {**failed, "error": f"cannot read image {sample.path}: {error}"}
-        try:
-            mask = read_mask(sample.masks, self.image_size)
-        except Exception as error:
-            return {**failed, "error": f"cannot read mask {', '.join(map(str, sample.masks))}: {error}"}
+            image, mask = self._decode(sample)
+        except DatasetError as error:
+            return {"index": index, "path": str(sample.path), "error": str(error)}
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
             "label": torch.tensor(sample.label, dtype=torch.long),
@@ -207,6 +226,8 @@ class AnomalyDataModule(pl.LightningDataModule):
         predict_dir: folder (searched recursively) of images for `predict`; needs no dataset tree.
         max_image_pixels: refuse, before decoding, any image whose header declares more pixels than this
             (default 100 Mpx).
+        cache_dir: keep decoded, resized images and masks in this folder (opt-in), keyed by file path, size,
+            modification time and image_size: a second run or detector on the same data decodes nothing.
     """
 
     CATEGORIES: tuple[str, ...] = ()
@@ -226,6 +247,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         seed: int = 0,
         predict_dir: str | Path | None = None,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        cache_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -251,6 +273,8 @@ class AnomalyDataModule(pl.LightningDataModule):
         if max_image_pixels < 1:
             raise DatasetError(f"--data.max_image_pixels must be a positive number of pixels, got {max_image_pixels}")
         self.max_image_pixels = max_image_pixels
+        self.cache = DecodeCache(cache_dir) if cache_dir else None
+        self.hparams.update(cache_dir=str(cache_dir) if cache_dir else None)
         self.splits: dict[str, list[Sample]] = {}
         self.data_notes: dict[str, str] = {}  # oddities found in the files: resized or missing masks
 
@@ -402,7 +426,7 @@ class AnomalyDataModule(pl.LightningDataModule):
     def dataloader(self, split: str) -> DataLoader:
         batch_size = self.train_batch_size if split == "train" else self.eval_batch_size
         return DataLoader(
-            AnomalyDataset(self.samples(split), self.image_size, self.max_image_pixels),
+            AnomalyDataset(self.samples(split), self.image_size, self.max_image_pixels, self.cache),
             batch_size=batch_size,
             shuffle=False,  # memory-bank detectors need no shuffling, and fixed order keeps runs reproducible
             num_workers=self.num_workers,
@@ -425,7 +449,7 @@ class AnomalyDataModule(pl.LightningDataModule):
 
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         # raised here, in the main process, not as a worker's stack trace; predict goes on without the file
-        if batch["failed"] and not self.trainer.predicting:
+        if batch["failed"] and not (self.trainer is not None and self.trainer.predicting):
             raise DatasetError(batch["failed"][0]["error"])
         return batch
 
