@@ -398,7 +398,10 @@ class TrainedAnomalyModule(AnomalyModule):
         super().__init__(calibration_quantile, contamination, "none", pixel_eval_size, aupro_fpr_limit)
 
     def loss(self, images: Tensor) -> Tensor:
-        raise NotImplementedError
+        return self.model.loss(images)
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        return self.model(images)
 
     def _calibrating(self) -> bool:
         return self.trainer.state.fn == "validate"

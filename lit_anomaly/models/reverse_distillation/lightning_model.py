@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from ..base import TrainedAnomalyModule
 from .torch_model import ReverseDistillationModel
@@ -49,12 +48,6 @@ class ReverseDistillation(TrainedAnomalyModule):
         super().__init__(calibration_quantile, contamination, pixel_eval_size, aupro_fpr_limit)
         self.save_hyperparameters()
         self.model = ReverseDistillationModel(backbone, layers, pretrained, weights_path, blur_sigma)
-
-    def loss(self, images: Tensor) -> Tensor:
-        return self.model.loss(images)
-
-    def forward(self, images: Tensor) -> dict[str, Tensor]:
-        return self.model(images)
 
     def configure_optimizers(self) -> Any:
         trainable = [*self.model.bottleneck.parameters(), *self.model.decoder.parameters()]

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..components import BackboneError, FeatureExtractor, smooth
+from ..components import BackboneError, FeatureExtractor
+from ..components.distillation import StageDistanceModel
 
 
 def conv_block(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
@@ -89,7 +90,7 @@ class Decoder(nn.Module):
         return outputs[::-1]
 
 
-class ReverseDistillationModel(nn.Module):
+class ReverseDistillationModel(StageDistanceModel):
     def __init__(
         self,
         backbone: str = "wide_resnet50_2",
@@ -114,13 +115,3 @@ class ReverseDistillationModel(nn.Module):
             for e, d in zip(encoded, self.decoder(self.bottleneck(encoded)), strict=True)
         ]
         return [1 - F.cosine_similarity(e, d.float(), dim=1) for e, d in zip(encoded, decoded, strict=True)]
-
-    def loss(self, images: Tensor) -> Tensor:
-        """The paper's loss: per stage, the mean over positions of 1 - cosine similarity, summed over stages."""
-        return sum(d.mean() for d in self.distances(images))
-
-    def forward(self, images: Tensor) -> dict[str, Tensor]:
-        size = images.shape[-2:]
-        maps = sum(F.interpolate(d[:, None], size, mode="bilinear") for d in self.distances(images))
-        maps = smooth(maps, self.blur_sigma)
-        return {"score": maps.flatten(1).amax(1), "anomaly_map": maps}

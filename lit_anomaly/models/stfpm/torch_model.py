@@ -8,13 +8,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..components import FeatureExtractor, smooth
+from ..components import FeatureExtractor
+from ..components.distillation import StageDistanceModel
 from ..components.student import StudentNetwork
 
 
-class STFPMModel(nn.Module):
+class STFPMModel(StageDistanceModel):
     def __init__(
         self,
         backbone: str = "resnet18",
@@ -37,13 +38,3 @@ class STFPMModel(nn.Module):
             0.5 * (F.normalize(t, dim=1) - F.normalize(s.float(), dim=1)).pow(2).sum(1)
             for t, s in zip(teacher, student, strict=True)
         ]
-
-    def loss(self, images: Tensor) -> Tensor:
-        """The paper's loss: per stage, the mean over positions of 1/2 |t - s|^2, summed over stages."""
-        return sum(d.mean() for d in self.distances(images))
-
-    def forward(self, images: Tensor) -> dict[str, Tensor]:
-        size = images.shape[-2:]
-        maps = sum(F.interpolate(d[:, None], size, mode="bilinear") for d in self.distances(images))
-        maps = smooth(maps, self.blur_sigma)
-        return {"score": maps.flatten(1).amax(1), "anomaly_map": maps}
