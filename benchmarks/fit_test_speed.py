@@ -2,6 +2,7 @@
 
     python benchmarks/fit_test_speed.py --train 100 --test 40 --image-size 256
     python benchmarks/fit_test_speed.py --models PatchCore --scales 1 4            # memory bound
+    python benchmarks/fit_test_speed.py --preset highres --models PatchCore --peer anomalib --peer-python ...
     python benchmarks/fit_test_speed.py --models STFPM ReverseDistillation --epochs 10
     python benchmarks/fit_test_speed.py --models PatchCore --peer anomalib --peer-python /venvs/anomalib/bin/python
     python benchmarks/fit_test_speed.py --train 209 --test 83 --source-size 1024 \\
@@ -33,11 +34,12 @@ def dataset_root(args: argparse.Namespace, scale: int) -> Path:
     from lit_anomaly.data import write_synthetic
 
     n_train = args.train * scale
-    name = f"mvtec_{n_train}x{args.test}_{args.source_size}px"
+    good = args.test // 2 if args.test_good is None else args.test_good
+    size = args.source_size if args.source_width is None else (args.source_size, args.source_width)
+    name = f"mvtec_{n_train}x{good}+{args.test - good}_{args.source_size}x{args.source_width or args.source_size}px"
     root = Path(args.cache) / name
     if not (root / ".complete").exists():
-        good = args.test // 2
-        write_synthetic(root, "MVTecAD", [CATEGORY], n_train, good, args.test - good, image_size=args.source_size)
+        write_synthetic(root, "MVTecAD", [CATEGORY], n_train, good, args.test - good, image_size=size)
         (root / ".complete").touch()
     return root
 
@@ -121,7 +123,13 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=100)
     parser.add_argument("--test", type=int, default=40)
     parser.add_argument("--image-size", type=int, default=256, help="model input size")
-    parser.add_argument("--source-size", type=int, default=256, help="size of the generated PNGs")
+    parser.add_argument("--source-size", type=int, default=256, help="height (and width) of the generated PNGs")
+    parser.add_argument("--source-width", type=int, default=None, help="width of the generated PNGs, if not square")
+    parser.add_argument("--test-good", type=int, default=None, help="good images among --test (default half)")
+    parser.add_argument(
+        "--preset", choices=["highres"], default=None,
+        help="highres: 60 train, 27 good + 100 defective test PNGs of 2448 x 2048 px, like real line-scan images",
+    )  # fmt: skip
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--random-init", action="store_true")
     parser.add_argument("--models", nargs="+", default=["PatchCore", "PaDiM"], help="also STFPM, ReverseDistillation")
@@ -131,7 +139,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--coreset-ratio", type=float, default=0.1)
     parser.add_argument("--projection-dim", type=int, default=128)
-    parser.add_argument("--calibration-fraction", type=float, default=0.0, help="hold-out share of train")
+    parser.add_argument("--calibration-fraction", type=float, default=None, help="hold-out share of train")
     parser.add_argument("--scales", type=int, nargs="+", default=[1], help="train-set multipliers, e.g. 1 4")
     parser.add_argument("--peer", choices=["anomalib"], default=None)
     parser.add_argument("--peer-python", default=os.environ.get("ANOMALIB_PYTHON"))
@@ -140,6 +148,8 @@ def main() -> None:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.preset == "highres":
+        args.train, args.test, args.test_good, args.source_size, args.source_width = 60, 127, 27, 2048, 2448
     if args.worker:
         print(json.dumps(measure(args)))
         return
@@ -150,7 +160,8 @@ def main() -> None:
         root = dataset_root(args, scale)
         for model in args.models:
             command = [sys.executable, __file__, *forwarded, "--worker", "--model", model, "--root", str(root)]
-            command += ["--calibration-fraction", str(args.calibration_fraction)]
+            if args.calibration_fraction is not None:
+                command += ["--calibration-fraction", str(args.calibration_fraction)]
             line = run_child(command) | {"scale": scale}
             lines.append(line)
             print(json.dumps(line), flush=True)

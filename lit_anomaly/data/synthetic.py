@@ -31,19 +31,20 @@ def _rng(*keys: object) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
-def normal_image(style: str, index: int, size: int) -> Image.Image:
-    """One defect-free texture of `style`; every image of a style shares structure, not pixels."""
+def normal_image(style: str, index: int, size: int | tuple[int, int]) -> Image.Image:
+    """One defect-free texture of `style`, `size` px square or (H, W); images of a style share structure, not pixels."""
+    height, width = (size, size) if isinstance(size, int) else size
     style_rng, rng = _rng("style", style), _rng("image", style, index)
     base = style_rng.uniform(60, 200, size=3)
     tint = style_rng.uniform(20, 50, size=3)
     period = style_rng.uniform(6, 14)
     angle = style_rng.uniform(0, np.pi)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     phase = rng.uniform(0, 2 * np.pi, size=2)
     u = xx * np.cos(angle) + yy * np.sin(angle)
     v = -xx * np.sin(angle) + yy * np.cos(angle)
     weave = np.sin(2 * np.pi * u / period + phase[0]) * np.sin(2 * np.pi * v / (period * 1.7) + phase[1])
-    shading = 1.0 + rng.uniform(-0.08, 0.08) + 0.05 * np.sin(xx / size * np.pi + rng.uniform(0, np.pi))
+    shading = 1.0 + rng.uniform(-0.08, 0.08) + 0.05 * np.sin(xx / width * np.pi + rng.uniform(0, np.pi))
     pixels = (base + tint * weave[..., None]) * shading[..., None]
     pixels += rng.normal(0, 4.0, size=pixels.shape)
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
@@ -51,18 +52,19 @@ def normal_image(style: str, index: int, size: int) -> Image.Image:
 
 def add_defect(image: Image.Image, kind: str, rng: np.random.Generator) -> tuple[Image.Image, Image.Image]:
     """Draw one defect of `kind` onto a copy of `image`; returns (image, 0/255 mask)."""
-    size = image.width
+    extent = np.array(image.size, dtype=np.float64)  # (W, H)
+    size = float(extent.min())
     image = image.copy()
     mask = Image.new("L", image.size, 0)
     draw, mask_draw = ImageDraw.Draw(image), ImageDraw.Draw(mask)
-    centre = rng.uniform(0.25, 0.75, size=2) * size
+    centre = rng.uniform(0.25, 0.75, size=2) * extent
     colour = tuple(int(c) for c in rng.choice([rng.integers(0, 50, 3), rng.integers(205, 256, 3)]))
     if kind in ("scratch", "crack"):
         points = [tuple(centre)]
         steps = 2 if kind == "scratch" else 5
         for _ in range(steps):
             step = rng.uniform(-0.22, 0.22, size=2) * size
-            points.append(tuple(np.clip(np.array(points[-1]) + step, 2, size - 3)))
+            points.append(tuple(np.clip(np.array(points[-1]) + step, 2, extent - 3)))
         width = max(2, int(size * (0.025 if kind == "scratch" else 0.018)))
         draw.line(points, fill=colour, width=width, joint="curve")
         mask_draw.line(points, fill=255, width=width, joint="curve")
@@ -97,7 +99,7 @@ def _save(image: Image.Image, path: Path) -> None:
 class _Writer:
     """Generates the images of one category; family functions decide where they go."""
 
-    def __init__(self, category: str, size: int) -> None:
+    def __init__(self, category: str, size: int | tuple[int, int]) -> None:
         self.category, self.size, self.count = category, size, 0
 
     def normal(self) -> Image.Image:
@@ -240,7 +242,7 @@ def write_synthetic(
     n_train: int = 20,
     n_test_good: int = 6,
     n_test_bad: int = 6,
-    image_size: int = 128,
+    image_size: int | tuple[int, int] = 128,
 ) -> Path:
     """Write a synthetic dataset of `family` under `root` (Folder takes exactly one category) and return root."""
     if family not in _WRITERS:
