@@ -168,3 +168,20 @@ def test_q095_flags_at_most_ten_percent_of_unseen_normals(tmp_path):
     share_above = float((result.score[normals] >= model.calibration.threshold).double().mean())
     assert share_above <= 0.10  # promised: at most 1 - q = 0.05 in expectation
     assert result.metrics["image_specificity"] == pytest.approx(1 - share_above)
+
+
+def test_checkpoints_of_lit_anomaly_0_1_still_load(tiny_root, tmp_path):
+    """0.1 stored the threshold with quantile and count buffers and no calibration record or fitted size."""
+    model, _ = fitted(PatchCore, tiny_root)
+    lightning = trainer()
+    lightning.strategy.connect(model)
+    lightning.save_checkpoint(tmp_path / "new.ckpt")
+    checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=False)
+    del checkpoint["calibration"], checkpoint["state_dict"]["fit_image_size"]
+    checkpoint["state_dict"]["threshold_quantile"] = torch.tensor(0.9, dtype=torch.float64)
+    checkpoint["state_dict"]["threshold_count"] = torch.tensor(7)
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    restored = PatchCore.load_from_checkpoint(tmp_path / "old.ckpt", pretrained=False)
+    assert restored.calibrated_threshold == model.calibrated_threshold
+    assert restored.calibration.n == 7 and restored.calibration.quantile == 0.9
+    assert restored.fit_image_size.tolist() == [0, 0]  # unknown: any input size is accepted, as before

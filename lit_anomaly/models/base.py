@@ -159,6 +159,14 @@ class AnomalyModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Fitted buffers (memory bank, Gaussians) have data-dependent shapes: take the checkpoint's."""
         state = checkpoint["state_dict"]
+        legacy_quantile, legacy_count = state.pop("threshold_quantile", None), state.pop("threshold_count", None)
+        state.setdefault("fit_image_size", torch.zeros(2, dtype=torch.long))  # 0.1 checkpoints: size unknown
+        if legacy_count is not None and "calibration" not in checkpoint:  # 0.1: interpolated quantile of a hold-out
+            threshold = float(state["threshold"])
+            self.calibration = Calibration(
+                None if math.isnan(threshold) else threshold, float(legacy_quantile), "hold-out (lit-anomaly 0.1)",
+                int(legacy_count), None, None,
+            )  # fmt: skip
         for name, buffer in list(self.named_buffers()):
             if name in state and state[name].shape != buffer.shape:
                 owner_name, _, attribute = name.rpartition(".")
