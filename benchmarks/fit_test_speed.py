@@ -60,6 +60,7 @@ def measure(args: argparse.Namespace) -> dict:
     data_args = {
         "root": args.root, "image_size": args.image_size, "num_workers": args.workers,
         "calibration_fraction": args.calibration_fraction, "train_batch_size": 32, "eval_batch_size": 32,
+        "cache_dir": args.cache_dir,
     }  # fmt: skip
     trainer = {"accelerator": args.accelerator, "devices": 1, "logger": False, "profiler": profiler}
     trainer["max_epochs"] = args.epochs  # trained detectors; memory-bank detectors take one pass
@@ -126,6 +127,7 @@ def main() -> None:
     parser.add_argument("--source-size", type=int, default=256, help="height (and width) of the generated PNGs")
     parser.add_argument("--source-width", type=int, default=None, help="width of the generated PNGs, if not square")
     parser.add_argument("--test-good", type=int, default=None, help="good images among --test (default half)")
+    parser.add_argument("--cache-dir", default=None, help="--data.cache_dir: a second run decodes nothing")
     parser.add_argument(
         "--preset", choices=["highres"], default=None,
         help="highres: 60 train, 27 good + 100 defective test PNGs of 2448 x 2048 px, like real line-scan images",
