@@ -140,3 +140,15 @@ def test_no_calibration_normals_leave_threshold_metrics_null(mvtec_root):
     dm = MVTecAD(mvtec_root, "tile", image_size=64, num_workers=0)
     metrics, _ = fit_test(PatchCore(backbone="efficientnet_lite0", calibration="none"), dm)
     assert metrics["image_auroc"] is not None and metrics["image_f1"] is None
+
+
+def test_separable_blur_equals_torchvisions_gaussian_blur():
+    from torchvision.transforms.v2.functional import gaussian_blur
+
+    from lit_anomaly.models.components import blur_kernel_size, smooth
+
+    maps = torch.rand(3, 1, 40, 56, generator=torch.Generator().manual_seed(0))
+    for sigma in (1.0, 4.0):
+        size = blur_kernel_size(sigma)
+        assert torch.allclose(smooth(maps, sigma), gaussian_blur(maps, [size, size], [sigma, sigma]), atol=1e-6)
+    assert smooth(maps, 0.0) is maps

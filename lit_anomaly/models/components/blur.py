@@ -1,9 +1,10 @@
-"""Gaussian smoothing of anomaly maps, as PatchCore and PaDiM do before taking maxima."""
+"""Gaussian smoothing of anomaly maps, as PatchCore, PaDiM and Reverse Distillation do before taking maxima."""
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
-from torchvision.transforms.v2.functional import gaussian_blur
 
 
 def blur_kernel_size(sigma: float) -> int:
@@ -12,7 +13,16 @@ def blur_kernel_size(sigma: float) -> int:
 
 
 def smooth(maps: Tensor, sigma: float) -> Tensor:
-    """Blur (B, 1, H, W) maps with a Gaussian of `sigma` px; unchanged for sigma <= 0."""
+    """Blur (B, 1, H, W) maps with a Gaussian of `sigma` px (reflect padding); unchanged for sigma <= 0.
+
+    Separable: a row pass and a column pass, 2k multiply-adds per pixel instead of the k^2 of
+    torchvision's 2-D kernel (33 x 33 at sigma 4), with the same result up to rounding."""
     if sigma <= 0:
         return maps
-    return gaussian_blur(maps, [blur_kernel_size(sigma)] * 2, [sigma] * 2)
+    size = blur_kernel_size(sigma)
+    x = torch.linspace(-(size // 2), size // 2, size, dtype=maps.dtype, device=maps.device)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    pad = size // 2
+    maps = F.pad(maps, (pad, pad, pad, pad), mode="reflect")
+    return F.conv2d(F.conv2d(maps, kernel.view(1, 1, 1, size)), kernel.view(1, 1, size, 1))

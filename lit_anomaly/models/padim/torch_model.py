@@ -88,7 +88,7 @@ class PaDiMModel(nn.Module):
         With n images, mean m and covariance C, leaving out x (delta = x - m) gives
         (n - 2) C' = (n - 1) C - n / (n - 1) delta delta^T and x - m' = n / (n - 1) delta, so with
         A = (n - 1) / (n - 2) C + eps I and s = delta^T A^-1 delta, Sherman-Morrison gives the squared
-        distance (n / (n - 1))^2 s / (1 - n s / ((n - 1)(n - 2))): one extra inverse per position, exact.
+        distance (n / (n - 1))^2 s / (1 - n s / ((n - 1)(n - 2))): one Cholesky factor per position, exact.
         `mean` is (P, d) float64 and `covariance` the regularised (P, d, d) one `fit` returns.
         """
         n, eps = count, self.covariance_eps
@@ -100,9 +100,9 @@ class PaDiMModel(nn.Module):
         step = max(1, 2**24 // max(1, images * dim))
         for start in range(0, height * width, step):
             stop = min(start + step, height * width)
-            inverse = torch.linalg.inv(covariance[start:stop] * a - (a - 1) * eps * eye)
-            delta = x[:, :, start:stop].permute(2, 0, 1).double() - mean[start:stop, None, :]  # (p, N, d)
-            s = (torch.bmm(delta, inverse) * delta).sum(-1)
+            factor = torch.linalg.cholesky(covariance[start:stop] * a - (a - 1) * eps * eye)  # A = L L^T
+            delta = x[:, :, start:stop].permute(2, 1, 0).double() - mean[start:stop, :, None]  # (p, d, N)
+            s = torch.linalg.solve_triangular(factor, delta, upper=False).pow_(2).sum(1)  # |L^-1 delta|^2, (p, N)
             squared = (c * c) * s / (1 - b * s).clamp_min(1e-12)
             distances[:, start:stop] = squared.clamp_min(0).sqrt().T.float()
         return self.image_scores(distances.view(images, 1, height, width), size)
