@@ -98,7 +98,8 @@ class LitAnomalyCLI(LightningCLI):
         model_class = _resolve(config.model.class_path) if config.get("model") else None
         data_args = config.data.init_args if config.get("data") and config.data.get("init_args") else None
         if model_class is not None and data_args is not None and self.subcommand != FIT_TEST:
-            data_args.update(hold_out(model_class, data_args))  # fit+test's loop does the same per category
+            for key, value in hold_out(model_class, data_args).items():  # fit+test's loop does it per category
+                data_args[key] = value
         if self.subcommand == FIT_TEST:
             # the subcommand's own config, so `lit-anomaly fit+test --config config.yaml` reruns it
             self._config_yaml = self._parser(FIT_TEST).dump(self.config[FIT_TEST], skip_none=False)

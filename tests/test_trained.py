@@ -125,3 +125,18 @@ def test_two_process_ddp_training_ends_close_to_one_process(trained_root, tmp_pa
         assert result["threshold_provenance"]["n"] == single["threshold_provenance"]["n"] == 2
     events = EventAccumulator(str(tmp_path / "one" / "tensorboard" / "carpet")).Reload().Tags()["scalars"]
     assert {"train_loss_epoch", "val_loss", "test/image_auroc"} <= set(events)  # loss curves beside test scalars
+
+
+def test_cli_fit_holds_out_normals_and_saves_a_calibrated_detector(trained_root, tmp_path, capsys):
+    from lit_anomaly.cli import main
+
+    args = [
+        "fit", "--model", "ReverseDistillation", "--model.backbone", "efficientnet_lite0", "--data", "MVTecAD",
+        "--data.root", str(trained_root), "--data.category", "carpet", "--data.image_size", "[64,64]",
+        "--data.num_workers", "0", "--trainer.accelerator", "cpu", "--trainer.max_epochs", "1",
+        "--trainer.default_root_dir", str(tmp_path),
+    ]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err[-2000:]
+    detector = ReverseDistillation.load_from_checkpoint(next(tmp_path.rglob("detector.ckpt")), pretrained=False)
+    assert detector.calibration.method == "hold-out" and detector.calibration.n == 2  # 10 % of 24 by default
+    assert detector.calibrated_threshold is not None
