@@ -1,3 +1,3 @@
 """lit-anomaly: unsupervised visual anomaly detection for industrial inspection."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
