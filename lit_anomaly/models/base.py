@@ -233,13 +233,17 @@ class AnomalyModule(pl.LightningModule):
             self._seen_indices.add(value)
         return torch.tensor(fresh, dtype=torch.bool, device=index.device)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.fit_image_size.copy_(torch.tensor(batch["image"].shape[-2:]))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         with torch.no_grad():
             self.learn(batch)
 
     def score(self, images: Tensor) -> dict[str, Tensor]:
-        """`forward`, refusing non-finite scores: they would turn every metric and decision silently wrong."""
+        """`forward` for scoring, refusing what would turn every metric and decision silently wrong: images of
+        another size than the detector was fitted at, and non-finite scores."""
+        self.check_input_size(images)
         output = self(images)
         if not torch.isfinite(output["score"]).all():
             raise ValueError(
@@ -324,7 +328,6 @@ class AnomalyModule(pl.LightningModule):
         return maps[:, 0], F.interpolate(masks, size=size, mode="nearest")[:, 0]
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.check_input_size(batch["image"])
         output = self.score(batch["image"])
         maps, masks = self._eval_resolution(output["anomaly_map"].float(), batch["mask"])
         self._test.append(
@@ -377,7 +380,6 @@ class AnomalyModule(pl.LightningModule):
         threshold = self.calibrated_threshold
         if "image" not in batch:  # every file of the batch failed to decode
             return {"path": [], "failed": batch["failed"], "threshold": threshold}
-        self.check_input_size(batch["image"])
         output = self.score(batch["image"])
         output["pred"] = output["score"] >= threshold if threshold is not None else None
         output.update(index=batch["index"], path=batch["path"], threshold=threshold, failed=batch["failed"])
@@ -418,7 +420,6 @@ class TrainedAnomalyModule(AnomalyModule):
         pass
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        self.fit_image_size.copy_(torch.tensor(batch["image"].shape[-2:]))
         loss = self.loss(batch["image"])
         if not torch.isfinite(loss):  # scores would be nan: every metric silently wrong
             raise ValueError(
@@ -442,7 +443,6 @@ class TrainedAnomalyModule(AnomalyModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if self._calibrating():
-            self.check_input_size(batch["image"])
             self.calibrator.update(self.score(batch["image"])["score"], batch["index"], SPLIT)
         else:
             loss = self.loss(batch["image"])
