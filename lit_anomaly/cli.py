@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
@@ -30,6 +29,7 @@ from .pipelines.benchmark import (
     TRAINER_DEFAULTS,
     RunConfig,
     hold_out,
+    model_spec,
     process_rank,
     run_benchmark,
     save_checkpoint,
@@ -95,7 +95,7 @@ class LitAnomalyCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
-        model_class = _resolve(config.model.class_path) if config.get("model") else None
+        model_class = model_spec(config.model.class_path).cls if config.get("model") else None
         data_args = config.data.init_args if config.get("data") and config.data.get("init_args") else None
         if model_class is not None and data_args is not None and self.subcommand != FIT_TEST:
             for key, value in hold_out(model_class, data_args).items():  # fit+test's loop does it per category
@@ -130,11 +130,6 @@ class LitAnomalyCLI(LightningCLI):
             if calibration is not None and (shortfall := calibration.shortfall_message()):
                 print(f"lit-anomaly: warning: {shortfall}", file=sys.stderr)
             print(f"lit-anomaly: checkpoint with calibrated threshold saved to {path}", file=sys.stderr)
-
-
-def _resolve(class_path: str) -> type:
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
 
 
 def _flag_values(args: Sequence[str], flag: str) -> list[str]:
