@@ -117,23 +117,30 @@ def test_padim_leave_one_out_equals_a_refit_without_the_image(tiny_root):
     assert loo.tolist() == pytest.approx(sorted(brute_force), rel=1e-5)
 
 
-def test_patchcore_leave_one_out_equals_scoring_against_the_repaired_bank(tiny_root):
-    """Reference, by brute force: drop the image's bank rows, re-pick as many farthest-first among the other
-    images' patches they were nearest to, score the image against that bank."""
-    model, images = fitted(PatchCore, tiny_root, coreset_ratio=0.1, projection_dim=None)
+@pytest.mark.parametrize("block_size", [None, 32])
+def test_patchcore_leave_one_out_equals_scoring_against_the_repaired_bank(tiny_root, block_size):
+    """Reference, by brute force: drop the image's bank rows, re-pick as many farthest-first among the patches
+    of its block's other images that they were nearest to, score the image against that bank. Blocks of 32
+    patches hold two 32 px images (4 x 4 patches each)."""
+    model, images = fitted(PatchCore, tiny_root, coreset_ratio=0.1, projection_dim=None, coreset_block_size=block_size)
     torch_model = model.model
     embedding = torch_model.embed(images)  # (6, D, h, w)
     patches = embedding.shape[2] * embedding.shape[3]
-    features = embedding.permute(0, 2, 3, 1).half().flatten(0, 2).float()
-    chosen = torch_model.select(features.half())
+    features = embedding.permute(0, 2, 3, 1).half()
+    blocks = torch_model.blocks(features)
+    assert len(blocks) == (1 if block_size is None else 3)
+    chosen = torch_model.select(features)
+    features = features.flatten(0, 2).float()
     bank, owner, image_of = features[chosen], chosen // patches, torch.arange(6).repeat_interleave(patches)
     assert torch.equal(torch_model.memory_bank, bank)
-    nearest_owner = owner[torch.cdist(features, bank).argmin(1)]
     brute_force = []
     for left_out in range(6):
+        block = torch.tensor(next(b for b in blocks if left_out in b))
+        in_block, bank_in_block = torch.isin(image_of, block), torch.isin(owner, block)
+        nearest_owner = owner[bank_in_block][torch.cdist(features, bank[bank_in_block]).argmin(1)]
         kept = bank[owner != left_out]
-        candidates = features[(nearest_owner == left_out) & (image_of != left_out)]
-        distances = torch.cdist(candidates, kept).amin(1)
+        candidates = features[(nearest_owner == left_out) & (image_of != left_out) & in_block]
+        distances = torch.cdist(candidates, bank[bank_in_block & (owner != left_out)]).amin(1)
         refill = []
         for _ in range(min(int((owner == left_out).sum()), len(candidates))):
             refill.append(candidates[int(distances.argmax())])

@@ -1,6 +1,6 @@
 from .backbones import BackboneError, FeatureExtractor
 from .blur import blur_kernel_size, smooth
-from .coreset import farthest_first, greedy_coreset, random_projection
+from .coreset import farthest_first, greedy_coreset, image_blocks, random_projection
 from .knn import nearest_neighbors
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "blur_kernel_size",
     "farthest_first",
     "greedy_coreset",
+    "image_blocks",
     "nearest_neighbors",
     "random_projection",
     "smooth",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -15,6 +16,18 @@ def random_projection(features: Tensor, dim: int | None, seed: int = 0, chunk: i
     generator = torch.Generator().manual_seed(seed)
     matrix = torch.randn(features.shape[1], dim, generator=generator).div_(math.sqrt(dim)).to(features.device)
     return torch.cat([features[i : i + chunk].float() @ matrix for i in range(0, len(features), chunk)])
+
+
+def image_blocks(n_images: int, rows_per_image: int, block_rows: int | None) -> list[range]:
+    """Consecutive groups of whole images, of near-equal size and about `block_rows` patch rows at most (never
+    less than one image); one group when `block_rows` is None.
+
+    Greedy k-center costs rows x centres, so over one block per group a coreset of a fixed ratio costs time
+    linear in the train set instead of quadratic; a group is also what a leave-one-out refit has to redo.
+    """
+    count = 1 if block_rows is None else max(1, min(n_images, math.ceil(n_images * rows_per_image / block_rows)))
+    bounds = [round(i * n_images / count) for i in range(count + 1)]
+    return [range(start, stop) for start, stop in itertools.pairwise(bounds)]
 
 
 def greedy_coreset(features: Tensor, n_select: int, projection_dim: int | None = 128, seed: int = 0) -> Tensor:

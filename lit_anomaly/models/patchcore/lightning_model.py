@@ -24,6 +24,9 @@ class PatchCore(AnomalyModule):
         weights_path: a state dict file (torchvision, timm or EfficientNet-PyTorch keys) to load instead;
             for air-gapped sites.
         coreset_ratio: share of all train patches kept in the memory bank, in (0, 1]; 1 keeps all.
+        coreset_block_size: the coreset is chosen in consecutive blocks of whole train images of about this
+            many patches each, so its cost grows linearly with the train set; null: one greedy pass over all
+            patches (the paper's, quadratic).
         projection_dim: random projection size for coreset selection (speed); null selects on full features.
         num_neighbors: memory-bank neighbourhood size for the paper's reweighting (with reweight true).
         reweight: damp scores of patches whose nearest bank patch lies in a dense region (paper eq. 7).
@@ -46,6 +49,7 @@ class PatchCore(AnomalyModule):
         pretrained: bool = True,
         weights_path: str | Path | None = None,
         coreset_ratio: float = 0.1,
+        coreset_block_size: int | None = 32768,
         projection_dim: int | None = 128,
         num_neighbors: int = 9,
         reweight: bool = False,
@@ -60,9 +64,13 @@ class PatchCore(AnomalyModule):
         super().__init__(calibration_quantile, contamination, calibration, pixel_eval_size, aupro_fpr_limit)
         if not 0.0 < coreset_ratio <= 1.0:
             raise ValueError(f"--model.coreset_ratio must be in (0, 1], got {coreset_ratio}")
+        if coreset_block_size is not None and coreset_block_size < 1:
+            raise ValueError(
+                f"--model.coreset_block_size must be a positive number of patches or null, got {coreset_block_size}"
+            )
         self.save_hyperparameters()
         self.model = PatchCoreModel(
-            backbone, layers, pretrained, weights_path, coreset_ratio, projection_dim,
+            backbone, layers, pretrained, weights_path, coreset_ratio, coreset_block_size, projection_dim,
             num_neighbors, reweight, blur_sigma, seed,
         )  # fmt: skip
         self._features: list[Tensor] = []
@@ -78,7 +86,7 @@ class PatchCore(AnomalyModule):
         features = torch.cat(self._features)  # (N, h, w, D)
         _, features = gather_by_index(self, torch.cat(self._indices), features)
         self._features, self._indices = [], []
-        chosen = self.model.fit(features.flatten(0, 2))
+        chosen = self.model.fit(features)
         if self.train_scoring != "none":  # kept for out_of_sample_scores, then dropped
             self._fit_features, self._bank_owner = features, chosen // (features.shape[1] * features.shape[2])
 

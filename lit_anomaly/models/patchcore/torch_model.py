@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..components import FeatureExtractor, farthest_first, greedy_coreset, nearest_neighbors, smooth
+from ..components import FeatureExtractor, farthest_first, greedy_coreset, image_blocks, nearest_neighbors, smooth
 
 
 class PatchCoreModel(nn.Module):
@@ -20,6 +20,7 @@ class PatchCoreModel(nn.Module):
         pretrained: bool = True,
         weights_path: str | Path | None = None,
         coreset_ratio: float = 0.1,
+        coreset_block_size: int | None = 32768,
         projection_dim: int | None = 128,
         num_neighbors: int = 9,
         reweight: bool = False,
@@ -29,6 +30,7 @@ class PatchCoreModel(nn.Module):
         super().__init__()
         self.extractor = FeatureExtractor(backbone, layers, pretrained, weights_path)
         self.coreset_ratio = coreset_ratio
+        self.coreset_block_size = coreset_block_size
         self.projection_dim = projection_dim
         self.num_neighbors = num_neighbors
         self.reweight = reweight
@@ -51,17 +53,28 @@ class PatchCoreModel(nn.Module):
     def flatten(embedding: Tensor) -> Tensor:
         return embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1])
 
-    def fit(self, patches: Tensor) -> Tensor:
-        """Build the memory bank from all training patch features (N, D); returns the chosen rows."""
-        self.memory_bank = patches.index_select(0, chosen := self.select(patches)).float().contiguous()
+    def fit(self, features: Tensor) -> Tensor:
+        """Build the memory bank from the training patch features (N, h, w, D); returns the chosen rows."""
+        patches = features.flatten(0, 2)
+        self.memory_bank = patches.index_select(0, chosen := self.select(features)).float().contiguous()
         return chosen
 
-    def select(self, patches: Tensor) -> Tensor:
-        """Rows of `patches` the memory bank keeps: a greedy coreset, or all of them at ratio 1."""
+    def blocks(self, features: Tensor) -> list[range]:
+        """The groups of images of (N, h, w, D) `features` that the coreset is chosen in, one at a time."""
+        return image_blocks(len(features), features.shape[1] * features.shape[2], self.coreset_block_size)
+
+    def select(self, features: Tensor) -> Tensor:
+        """Rows of the flattened (N, h, w, D) `features` that the memory bank keeps: the union of a greedy
+        coreset of each block of images, or all rows at ratio 1."""
+        patches = features.flatten(0, 2)
         if self.coreset_ratio >= 1.0:
             return torch.arange(len(patches), device=patches.device)
-        n_select = max(1, round(self.coreset_ratio * len(patches)))
-        return greedy_coreset(patches, n_select, self.projection_dim, self.seed)
+        per_image, chosen = features.shape[1] * features.shape[2], []
+        for block in self.blocks(features):
+            rows = patches[block.start * per_image : block.stop * per_image]
+            n_select = max(1, round(self.coreset_ratio * len(rows)))
+            chosen.append(greedy_coreset(rows, n_select, self.projection_dim, self.seed) + block.start * per_image)
+        return torch.cat(chosen)
 
     def score(
         self, queries: Tensor, bank: Tensor, query_groups: Tensor | None = None, bank_groups: Tensor | None = None
@@ -90,61 +103,67 @@ class PatchCoreModel(nn.Module):
         return {"score": scores, "anomaly_map": maps}
 
     def leave_one_out_scores(self, features: Tensor, bank_owner: Tensor, images: Tensor) -> Tensor:
-        """Scores of train `images` (indices into `features`, (N, h, w, D)), each against the memory bank as a
-        refit without it would be: the rows it contributed (`bank_owner`: the image of each bank row) are
-        removed, and as many are chosen again, farthest first, among the other images' patches they were
-        nearest to. Removal alone leaves holes a refit fills, and scores run high; repaired, they match
-        unseen normals (benchmarks/calibration.py).
+        """Scores of train `images` (ascending indices into `features`, (N, h, w, D)), each against the memory
+        bank as a refit without it would be: the rows it contributed (`bank_owner`: the image of each bank row)
+        are removed, and as many are chosen again, farthest first, among the patches of its block's other
+        images that they were nearest to. Removal alone leaves holes a refit fills, and scores run high;
+        repaired, they match unseen normals (benchmarks/calibration.py).
         """
         n, height, width, dim = features.shape
         per_image = height * width
         patches = features.reshape(-1, dim)
-        image_of = torch.arange(n, device=patches.device).repeat_interleave(per_image)
-        nearest_owner, uncovered, without_own = self._owner_distances(patches, image_of, bank_owner)
-        scores = []
-        for image in images.tolist():
-            own = patches[image * per_image : (image + 1) * per_image].float()
+        if not self.reweight:  # each image against every bank row but its own, in one chunked pass
+            queries = patches.view(n, per_image, dim).index_select(0, images).flatten(0, 1).float()
+            groups = images.repeat_interleave(per_image)
+            without_own = nearest_neighbors(queries, self.memory_bank, query_groups=groups, bank_groups=bank_owner)
+            without_own = without_own[0].view(len(images), per_image)
+        scores, block, repair = [], None, None
+        for position, image in enumerate(images.tolist()):
+            if block is None or image not in block:
+                block = next(b for b in self.blocks(features) if image in b)
+                repair = self._repair_candidates(patches, bank_owner, block, per_image)
+            nearest_owner, uncovered, image_of, block_patches = repair
             orphans = torch.nonzero((nearest_owner == image) & (image_of != image)).squeeze(1)
-            candidates = patches.index_select(0, orphans).float()
+            candidates = block_patches.index_select(0, orphans).float()
             refill = candidates[farthest_first(candidates, uncovered[orphans], int((bank_owner == image).sum()))]
+            own = patches[image * per_image : (image + 1) * per_image].float()
             if self.reweight:  # the reweighting looks at bank neighbourhoods: score against the whole repaired bank
                 bank = torch.cat([self.memory_bank[bank_owner != image], refill])
                 scores.append(self.score(own[None], bank)[1])
                 continue
-            patch_scores = without_own[image * per_image : (image + 1) * per_image]
+            patch_scores = without_own[position]
             if len(refill):
                 patch_scores = torch.minimum(patch_scores, nearest_neighbors(own, refill)[0][:, 0])
             scores.append(patch_scores.max().view(1))
         return torch.cat(scores) if scores else features.new_empty(0, dtype=torch.float32)
 
-    def _owner_distances(
-        self, patches: Tensor, image_of: Tensor, bank_owner: Tensor, chunk: int = 2048
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """For every patch: the image that owns its nearest bank row; its distance to the nearest row of
-        another owner (what covers it once that image is left out); its distance to the nearest row not
-        taken from its own image. One pass over patches x bank, in fixed-shape chunks."""
-        bank, n = self.memory_bank, len(patches)
-        bank_norms = (bank * bank).sum(1)
-        padded, groups = F.pad(patches, (0, 0, 0, -n % chunk)), F.pad(image_of, (0, -n % chunk), value=-1)
-        nearest_owner, uncovered, without_own = [], [], []
+    def _repair_candidates(
+        self, patches: Tensor, bank_owner: Tensor, block: range, per_image: int, chunk: int = 2048
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """For every patch of `block`: the image owning its nearest bank row of the block, and its distance to
+        the nearest block row of another owner (what covers it once that image is left out); with each
+        patch's image and the block's patches. One pass over block patches x block bank, in fixed-shape chunks."""
+        in_block = (bank_owner >= block.start) & (bank_owner < block.stop)
+        bank, owners = self.memory_bank[in_block], bank_owner[in_block]
+        block_patches = patches[block.start * per_image : block.stop * per_image]
+        bank_norms, n = (bank * bank).sum(1), len(block_patches)
+        padded = F.pad(block_patches, (0, 0, 0, -n % chunk))
+        nearest_owner, uncovered = [], []
         for start in range(0, len(padded), chunk):
             q = padded[start : start + chunk].float()
             squared = torch.addmm(bank_norms, q, bank.T, alpha=-2.0).add_((q * q).sum(1, keepdim=True))
-            owner = bank_owner[squared.argmin(1)]
+            owner = owners[squared.argmin(1)]
             nearest_owner.append(owner)
-            uncovered.append(squared.masked_fill(bank_owner == owner[:, None], float("inf")).amin(1))
-            own = bank_owner == groups[start : start + chunk, None]
-            without_own.append(squared.masked_fill_(own, float("inf")).amin(1))
-        return torch.cat(nearest_owner)[:n], *(
-            torch.cat(parts)[:n].clamp_min(0).sqrt() for parts in (uncovered, without_own)
-        )
+            uncovered.append(squared.masked_fill_(owners == owner[:, None], float("inf")).amin(1))
+        image_of = torch.arange(block.start, block.stop, device=patches.device).repeat_interleave(per_image)
+        return torch.cat(nearest_owner)[:n], torch.cat(uncovered)[:n].clamp_min(0).sqrt(), image_of, block_patches
 
     def cross_fit_scores(self, features: Tensor, folds: Tensor, fold: int, chunk: int = 16) -> Tensor:
         """Scores of the images of `fold` against a memory bank built, as `fit` builds it, from the other folds."""
         patches = features.shape[1] * features.shape[2]
         inside = torch.nonzero(folds == fold).squeeze(1)
-        outside = features[folds != fold].flatten(0, 2)
-        bank = outside.index_select(0, self.select(outside)).float()
+        outside = features[folds != fold]
+        bank = outside.flatten(0, 2).index_select(0, self.select(outside)).float()
         scores = []
         for start in range(0, len(inside), chunk):
             queries = features.index_select(0, inside[start : start + chunk]).flatten(1, 2).float()
