@@ -1,4 +1,4 @@
-"""`lit-anomaly`: LightningCLI with fit, validate, test, predict and fit+test (the benchmark loop)."""
+"""`lit-anomaly`: LightningCLI with fit, validate, test, predict and fit+test (the benchmark loop), and compare."""
 
 from __future__ import annotations
 
@@ -220,6 +220,8 @@ def main(args: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if args is None else args)
     verbose = "--verbose" in args or os.environ.get("LIT_ANOMALY_VERBOSE", "0") not in ("", "0")
     args = [a for a in args if a != "--verbose"]
+    if args[:1] == ["compare"]:
+        return _compare(args[1:], verbose)
     if from_argv:  # LightningCLI reads sys.argv itself (and warns when given both)
         sys.argv = [sys.argv[0], *args]
     json_stream = sys.stdout
@@ -255,6 +257,16 @@ def main(args: Sequence[str] | None = None) -> int:
         json_stream.write(json.dumps(report, default=str) + "\n")
         json_stream.flush()
     return 1 if any(r["status"] != "ok" for r in report["per_category"].values()) else 0
+
+
+def _compare(args: Sequence[str], verbose: bool) -> int:
+    """`lit-anomaly compare RUN_DIR RUN_DIR ... [--output FILE]` (see reporting/compare.py)."""
+    from .reporting.compare import main as compare
+
+    try:
+        return compare(args)
+    except RunError as error:
+        return _fail(str(error), 2, error if verbose else None)
 
 
 def _fail(message: str, status: int, error: BaseException | None = None) -> int:

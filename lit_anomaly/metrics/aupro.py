@@ -79,9 +79,21 @@ def aupro(maps: Tensor, masks: Tensor, fpr_limit: float = 0.3) -> float:
 
 def pixel_auroc_and_aupro(maps: Tensor, masks: Tensor, fpr_limit: float = 0.3) -> tuple[float, float]:
     """Pixel AUROC (ties count half, exact) and AUPRO from one sort of all pixel scores."""
+    auroc, area, _ = pixel_auroc_aupro_and_pro_curve(maps, masks, fpr_limit)
+    return auroc, area
+
+
+def pixel_auroc_aupro_and_pro_curve(
+    maps: Tensor, masks: Tensor, fpr_limit: float = 0.3, points: int = 101
+) -> tuple[float, float, dict[str, list[float]]]:
+    """`pixel_auroc_and_aupro` and the PRO curve up to `fpr_limit`, read at `points` evenly spaced FPRs
+    (for plotting: the exact curve has a point per distinct pixel score)."""
     tpr, fpr, pro = _curves(maps, masks)
     auroc = float(np.trapezoid(np.concatenate([[0.0], tpr]), np.concatenate([[0.0], fpr])))  # = Mann-Whitney
-    return auroc, _area_under_curve(fpr, pro, fpr_limit)
+    grid = np.linspace(0.0, fpr_limit, points)
+    at_grid = np.interp(grid, np.concatenate([[0.0], fpr]), np.concatenate([[0.0], np.minimum(pro, 1.0)]))
+    curve = {"fpr": grid.round(6).tolist(), "pro": at_grid.round(6).tolist(), "fpr_limit": fpr_limit}
+    return auroc, _area_under_curve(fpr, pro, fpr_limit), curve
 
 
 def au_spro(

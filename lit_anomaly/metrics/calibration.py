@@ -74,6 +74,7 @@ class Calibration:
             "n": self.n,
             "rank": self.rank,
             "false_alarm_bound": self.false_alarm_bound,
+            "score_range": [float(self.scores.min()), float(self.scores.max())] if len(self.scores) else None,
             "source": "rank rule k = ceil((n + 1) q) over out-of-sample scores of normal images",
         }
         if self.short_of_normals:

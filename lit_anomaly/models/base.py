@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytorch_lightning as pl
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
 from torch import Tensor
 
-from ..metrics import image_metrics, pixel_auroc_and_aupro, resolve_quantile
+from ..metrics import image_metrics, pixel_auroc_aupro_and_pro_curve, resolve_quantile
 from ..metrics.calibration import SPLIT, TRAIN, Calibration, ThresholdCalibrator
 from .components import blur_kernel_size
 
@@ -87,6 +87,7 @@ class TestResult:
     masks: Tensor  # (N, H, W) bool
     metrics: dict[str, float | None]
     notes: dict[str, str]
+    curves: dict[str, Any] = field(default_factory=dict)  # the PRO curve for plots, where masks exist
 
 
 class AnomalyModule(pl.LightningModule):
@@ -348,18 +349,21 @@ class AnomalyModule(pl.LightningModule):
         self._test = []
         threshold = self.calibrated_threshold
         metrics, notes = image_metrics(results["score"], results["label"], threshold)
-        metrics.update(self.pixel_metrics(results, notes))
+        pixel, curves = self.pixel_metrics(results, notes)
+        metrics.update(pixel)
         self.test_result = TestResult(
             index=results["index"], score=results["score"], label=results["label"],
             pred=(results["score"] >= threshold).long() if threshold is not None else None,
-            maps=results["map"], masks=results["mask"], metrics=metrics, notes=notes,
+            maps=results["map"], masks=results["mask"], metrics=metrics, notes=notes, curves=curves,
         )  # fmt: skip
         logged = {f"test/{k}": v for k, v in metrics.items() if v is not None}
         if threshold is not None:
             logged["test/threshold"] = threshold
         self.log_dict(logged, sync_dist=True)
 
-    def pixel_metrics(self, results: dict[str, Tensor], notes: dict[str, str]) -> dict[str, float | None]:
+    def pixel_metrics(
+        self, results: dict[str, Tensor], notes: dict[str, str]
+    ) -> tuple[dict[str, float | None], dict[str, Any]]:
         usable = results["has_mask"] & (results["label"] >= 0)
         maps, masks = results["map"][usable], results["mask"][usable]
         empty = int(((results["label"] == 1) & results["has_mask"] & ~results["mask"].flatten(1).any(1)).sum())
@@ -370,9 +374,9 @@ class AnomalyModule(pl.LightningModule):
         if not masks.any() or masks.all():
             reason = "no ground-truth masks for anomalous test images" if not masks.any() else "no normal pixels"
             notes.update(pixel_auroc=reason, pixel_aupro=reason)
-            return {"pixel_auroc": None, "pixel_aupro": None}
-        auroc, pro = pixel_auroc_and_aupro(maps, masks, self.aupro_fpr_limit)
-        return {"pixel_auroc": auroc, "pixel_aupro": pro}
+            return {"pixel_auroc": None, "pixel_aupro": None}, {}
+        auroc, pro, curve = pixel_auroc_aupro_and_pro_curve(maps, masks, self.aupro_fpr_limit)
+        return {"pixel_auroc": auroc, "pixel_aupro": pro}, {"pro": curve}
 
     # ---- predict ----------------------------------------------------------------------------
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:

@@ -14,9 +14,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import yaml
+from PIL import Image
 from pytorch_lightning.loggers import TensorBoardLogger
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -27,7 +29,10 @@ from ..metrics import au_spro, image_metrics
 from ..models import MODELS, AnomalyModule
 from ..models.base import TestResult, frozen_ddp
 from ..reporting import RunError, RunFolder, build_report, environment
+from ..reporting.figures import overlay_png
+from ..reporting.html import select_hard_cases
 from ..reporting.run_folder import replace_atomic, sanitize
+from ..reporting.statistics import bootstrap_intervals
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "accelerator": "auto",
@@ -65,6 +70,9 @@ class RunConfig:
         resume_force: resume even when settings that change results differ (the report then mixes them).
         parent_dir: folder under which default run folders are made.
         checkpoints: also save each category's fitted, calibrated detector as categories/<category>/detector.ckpt.
+        html: write report.html, one self-contained page (no network needed) with the summary, curves,
+            score histograms and hardest cases of every category.
+        html_cases: hardest cases shown per category and kind (false alarms, missed defects) in report.html.
     """
 
     output_dir: str | None = None
@@ -75,6 +83,8 @@ class RunConfig:
     resume_force: bool = False
     parent_dir: str = "runs"
     checkpoints: bool = False
+    html: bool = True
+    html_cases: int = 3
 
 
 @dataclass
@@ -240,8 +250,10 @@ def run_benchmark_category(
     trainer: Mapping[str, Any] | None = None,
     run_dir: str | Path | None = None,
     checkpoint: str | Path | None = None,
+    hard_cases: int = 0,
 ) -> dict[str, Any]:
-    """Fit, calibrate and test one category; returns its report dict with the per-image records under `records`.
+    """Fit, calibrate and test one category; returns its report dict with the per-image records under `records`
+    and the files for the run folder (overlays of the `hard_cases` hardest cases per kind) under `artifacts`.
 
     With `checkpoint`, the fitted and calibrated detector is saved there before testing."""
     run_dir = Path(run_dir) if run_dir is not None else None
@@ -273,6 +285,7 @@ def run_benchmark_category(
             notes["pixel_spro"] = why
     records = _per_image_records(datamodule, result, calibration.threshold, category)
     test = datamodule.samples("test")
+    cases, artifacts = _hard_cases(datamodule, result, records, hard_cases if lightning.is_global_zero else 0)
     return {
         "category": category,
         "status": "ok",
@@ -281,7 +294,12 @@ def run_benchmark_category(
         "threshold_provenance": calibration.provenance(),
         "metrics": metrics,
         "notes": notes,
+        "metric_intervals": bootstrap_intervals(
+            [r["score"] for r in records], [r["label"] for r in records], calibration.threshold
+        ),
         "metrics_by_defect_type": _by_defect_type(records, calibration.threshold),
+        "curves": result.curves,
+        "hard_cases": cases,
         "counts": {
             "train": len(datamodule.samples("train")),
             "calibration": calibration.n,
@@ -295,7 +313,38 @@ def run_benchmark_category(
         },
         "hardware": {"device": str(lightning.strategy.root_device), "world_size": lightning.world_size},
         "records": records,
+        "artifacts": artifacts,
     }
+
+
+def _hard_cases(
+    datamodule: AnomalyDataModule, result: TestResult, records: list[dict[str, Any]], count: int
+) -> tuple[list[dict[str, Any]], dict[str, bytes]]:
+    """The hardest test images (`select_hard_cases`) and, for each, an overlay of its anomaly map and
+    ground truth; every overlay of a category shares one colour scale, from the normal images' median pixel
+    score to the highest pixel score."""
+    cases = select_hard_cases(records, count) if count > 0 else []
+    if not cases:
+        return [], {}
+    position = {int(i): p for p, i in enumerate(result.index.tolist())}
+    normal_maps = result.maps[result.label == 0]
+    low = float((normal_maps if len(normal_maps) else result.maps)[:, ::4, ::4].median())
+    value_range = (low, float(result.maps.max()))
+    dataset, files, shown = datamodule.dataloader("test").dataset, {}, []
+    for case in cases:
+        item = dataset[case["index"]]
+        if "image" not in item:
+            continue
+        anomaly_map = result.maps[position[case["index"]]].float().numpy()
+        mask = result.masks[position[case["index"]]].numpy() if case["label"] == 1 else None
+        image = item["image"].permute(1, 2, 0).numpy()
+        if image.shape[:2] != anomaly_map.shape:
+            size = (anomaly_map.shape[1], anomaly_map.shape[0])
+            image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+        name = f"hard_cases/{case['kind']}_{case['index']}.png"
+        files[name] = overlay_png(image, anomaly_map, mask, value_range)
+        shown.append({**case, "file": name})
+    return shown, files
 
 
 def _failed(category: str, error: BaseException) -> dict[str, Any]:
@@ -317,8 +366,11 @@ def run_benchmark_all(
 
     Under DDP every rank walks the same categories in step; only global rank 0 writes files.
     """
+    started = time.perf_counter()
     model, data = model_spec(model), data_spec(data)
     run = RunConfig(**run) if isinstance(run, Mapping) else run or RunConfig()
+    if run.html_cases < 0:
+        raise RunError(f"--run.html_cases must be 0 or more, got {run.html_cases}")
     is_zero = process_rank() == 0
     writes = is_zero and run.save
     check_output_copy(run.output)
@@ -346,12 +398,13 @@ def run_benchmark_all(
 
         def report() -> dict[str, Any]:
             ordered = {c: per_category[c] for c in categories if c in per_category}
-            return build_report(data.name, model.name, categories, ordered, run_dir, config, env)
+            wall = time.perf_counter() - started
+            return build_report(data.name, model.name, categories, ordered, run_dir, config, env, wall)
 
         folder.write_report(report(), config_yaml, None)  # resumable even if the first category never finishes
         _run_categories(model, data, categories, trainer, run, folder, per_category, report)
         final = report()
-        folder.write_report(final, None, run.output)
+        folder.write_report(final, None, run.output, run.html)
     finally:
         folder.close()
     return final
@@ -417,15 +470,16 @@ def _run_categories(
             progress.update(task, description=f"{category} ({remaining} remaining)")
             try:
                 checkpoint = folder.category_dir(category) / "detector.ckpt" if run_dir and run.checkpoints else None
-                result = run_benchmark_category(model, data, category, trainer, run_dir, checkpoint)
-                records = result.pop("records")
+                cases = run.html_cases if run.html and run_dir else 0
+                result = run_benchmark_category(model, data, category, trainer, run_dir, checkpoint, cases)
+                records, artifacts = result.pop("records"), result.pop("artifacts")
             except Exception as error:  # recorded; the other categories still run
-                result, records = _failed(category, error), None
+                result, records, artifacts = _failed(category, error), None, {}
                 if is_zero:
                     console.print(f"[red]category {category} failed:[/red] {result['error']}")
             per_category[category] = result
-            folder.write_category(result, records if run.per_image_jsonl else None)
-            folder.write_report(report(), None, None)  # what finished is on disk even if the run dies
+            folder.write_category(result, records if run.per_image_jsonl else None, artifacts)
+            folder.write_report(report(), None, None, run.html)  # what finished is on disk even if the run dies
             progress.advance(task)
 
 

@@ -180,6 +180,7 @@ class RunFolder:
         self.path = path
         self.writable = writable
         self._lock: Any = None
+        self._page: Any = None  # the RunPage of report.html, once there is one
 
     @classmethod
     def create(cls, output_dir: str | None, parent: str, dataset: str, model: str, writable: bool) -> RunFolder:
@@ -274,18 +275,27 @@ class RunFolder:
         reports = {c: self.read_report(c) for c in categories}
         return {c: r for c, r in reports.items() if r is not None and r.get("status") == "ok"}
 
-    def write_category(self, result: dict, records: list[dict] | None) -> None:
+    def write_category(self, result: dict, records: list[dict] | None, files: dict[str, bytes] | None = None) -> None:
+        """The category's files (`files`: relative name to content), records, then its report.json: a category
+        report on disk means the category is complete."""
         if not self.writable:
             return
         directory = self.category_dir(result["category"])
-        if records is not None:  # records first: a category report on disk means the category is complete
+        for name, content in (files or {}).items():
+            write_atomic(directory / name, content)
+        if records is not None:
             write_atomic(directory / "per_image.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         write_atomic(directory / "report.json", to_json(result))
 
-    def write_report(self, report: dict, config_yaml: str | None, copy_to: str | None) -> None:
+    def write_report(self, report: dict, config_yaml: str | None, copy_to: str | None, html: bool = False) -> None:
         if not self.writable:
             return
         write_atomic(self.path / "report.json", to_json(report))
+        if html:
+            from .html import RunPage  # matplotlib loads only for runs that write the page
+
+            self._page = self._page or RunPage(self.path)
+            write_atomic(self.path / "report.html", self._page.render(report))
         if config_yaml is not None:
             write_atomic(self.path / "config.yaml", config_yaml)
         if copy_to:
@@ -300,6 +310,7 @@ def build_report(
     run_dir: Path | None,
     config: dict,
     env: dict,
+    wall_s: float | None = None,
 ) -> dict[str, Any]:
     means, stds = aggregate(per_category)
     return {
@@ -313,6 +324,7 @@ def build_report(
         "mean_metrics": means,
         "std_metrics": stds,
         "run_dir": str(run_dir) if run_dir else None,
+        "wall_s": wall_s,
         "config": config,
         "environment": env,
     }

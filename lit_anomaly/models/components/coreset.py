@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -33,16 +34,15 @@ def image_blocks(n_images: int, rows_per_image: int, block_rows: int | None) -> 
 def greedy_coreset(features: Tensor, n_select: int, projection_dim: int | None = 128, seed: int = 0) -> Tensor:
     """Indices of `n_select` rows chosen by greedy k-center selection (each step takes the farthest row).
 
-    On an accelerator the loop is dense and never synchronises with the host; on the CPU it skips,
-    by the triangle inequality, every row the new centre cannot move, which is exact and several
-    times faster once the centres cover the data.
+    On an accelerator the loop is dense and never synchronises with the host; on the CPU it picks
+    several centres per pass over the rows (`_greedy_batched`), with the same result.
     """
     n = features.shape[0]
     n_select = min(max(1, n_select), n)
     x = random_projection(features, projection_dim, seed)
     start = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed)))
     if x.device.type == "cpu":
-        return _greedy_pruned(x, n_select, start)
+        return _greedy_batched(x, n_select, start)
     return _greedy_dense(x, n_select, start)
 
 
@@ -63,47 +63,44 @@ def _greedy_dense(x: Tensor, n_select: int, start: int) -> Tensor:
     return selected
 
 
-def _greedy_pruned(x: Tensor, n_select: int, start: int) -> Tensor:
-    """The same selection, computing distances only for rows the new centre might be closer to.
+def _greedy_batched(x: Tensor, n_select: int, start: int, batch: int = 256) -> Tensor:
+    """The same selection, several centres per pass over the rows.
 
-    A row x assigned to centre a can move to the new centre c only if |c - a| < 2 |x - a|
-    (triangle inequality); in squared terms d(a, c) < 4 d(x, a). A small margin keeps rounding
-    from pruning a row the dense loop would update.
+    Distances only shrink, so the (batch + 1)-th largest distance bounds every row outside the `batch`
+    farthest. Among those candidates, greedy's next pick is the farthest one after the picks so far
+    (their mutual distances are a small table) as long as it is still at or above the bound; the picks
+    stop when it is not, and one matrix product updates all rows with them. Same picks as the dense
+    loop (up to rounding ties), with matrix products instead of a matrix-vector product per centre.
     """
-    n, dim = x.shape
+    n = len(x)
     squared_norms = (x * x).sum(1)
-    centres = torch.empty(n_select, dim)
-    centre_norms = torch.empty(n_select)
-    assignment = torch.zeros(n, dtype=torch.int32)
-    min_distances = torch.full((n,), float("inf"))
-    bounds = torch.full((n,), float("inf"))  # 4 d(x, a) with the margin, kept in step with min_distances
-    selected = torch.empty(n_select, dtype=torch.long)
-    current = start
-    for i in range(n_select):
-        selected[i] = current
-        centre = x[current]
-        centres[i], centre_norms[i] = centre, squared_norms[current]
-        rows = None
-        if i > 0:
-            to_centres = torch.addmv(centre_norms[:i], centres[:i], centre, alpha=-2.0).add_(centre_norms[i])
-            rows = torch.nonzero(to_centres.index_select(0, assignment) < bounds).squeeze(1)
-            if len(rows) > n // 3:  # little to skip: a dense pass is cheaper than gathering rows
-                rows = None
-        if rows is None:
-            distances = torch.addmv(squared_norms, x, centre, alpha=-2.0).add_(centre_norms[i])
-            closer = distances < min_distances
-            min_distances = torch.where(closer, distances, min_distances)
-            bounds = min_distances * 4.004 + 1e-6
-            assignment[closer] = i
-        else:
-            distances = torch.addmv(squared_norms[rows], x[rows], centre, alpha=-2.0).add_(centre_norms[i])
-            closer = distances < min_distances[rows]
-            moved, captured = rows[closer], distances[closer]
-            min_distances[moved] = captured
-            bounds[moved] = captured * 4.004 + 1e-6
-            assignment[moved] = i
-        current = int(min_distances.argmax())
-    return selected
+
+    def squared_distances(rows: Tensor, centres: Tensor) -> Tensor:
+        products = torch.addmm(squared_norms[rows, None], x[rows], x[centres].T, alpha=-2.0)
+        return products.add_(squared_norms[centres][None]).clamp_min_(0)
+
+    everything = torch.arange(n)
+    min_distances = squared_distances(everything, torch.tensor([start]))[:, 0]
+    selected = [torch.tensor([start])]
+    chosen = 1
+    while chosen < n_select:
+        values, candidates = min_distances.topk(min(batch + 1, n))
+        bound = float(values[batch]) if len(values) > batch else -1.0
+        candidates, values = candidates[:batch], values[:batch].numpy().copy()
+        pairwise = squared_distances(candidates, candidates).numpy()
+        picks = []
+        while chosen + len(picks) < n_select:
+            best = int(values.argmax())
+            if values[best] < bound:
+                break
+            picks.append(best)
+            np.minimum(values, pairwise[best], out=values)
+            values[best] = -np.inf
+        picked = candidates[picks]
+        selected.append(picked)
+        chosen += len(picks)
+        torch.minimum(min_distances, squared_distances(everything, picked).amin(1), out=min_distances)
+    return torch.cat(selected)
 
 
 def farthest_first(points: Tensor, distances: Tensor, count: int) -> Tensor:
