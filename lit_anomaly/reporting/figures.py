@@ -73,7 +73,8 @@ def pr_points(scores: Sequence[float], labels: Sequence[int]) -> tuple[np.ndarra
 def _figure(width: float = 3.2, height: float = 2.6):
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry is touched
 
-    figure = Figure(figsize=(width, height), layout="constrained")
+    figure = Figure(figsize=(width, height))
+    figure.subplots_adjust(left=0.16, bottom=0.17, right=0.97, top=0.96)  # fixed margins: one draw, not a layout pass
     return figure, figure.subplots()
 
 
@@ -119,16 +120,18 @@ def score_histogram(
     low, high = min([*values, *marks], default=0.0), max([*values, *marks], default=1.0)
     bins = np.linspace(low, high if high > low else low + 1.0, 31)
     with matplotlib.rc_context(STYLE):
-        figure, axes = _figure(4.2, 2.6)
+        figure, axes = _figure()
         if calibration_range is not None:
             axes.axvspan(*calibration_range, color=CALIBRATION, alpha=0.35, linewidth=0, label="calibration scores")
-        axes.hist(normal, bins=bins, color=NORMAL, alpha=0.65, label=f"normal ({len(normal)})")
-        axes.hist(anomalous, bins=bins, color=ANOMALOUS, alpha=0.65, label=f"anomalous ({len(anomalous)})")
+        for scores, colour, name in ((normal, NORMAL, "normal"), (anomalous, ANOMALOUS, "anomalous")):
+            axes.hist(
+                scores, bins=bins, color=colour, alpha=0.6, histtype="stepfilled", label=f"{name} ({len(scores)})"
+            )
         if threshold is not None:
             axes.axvline(threshold, color=THRESHOLD, linestyle="--", linewidth=1.2, label="threshold")
         axes.set_xlabel("image score")
         axes.set_ylabel("test images")
-        axes.legend(fontsize=7, frameon=False)
+        axes.legend(fontsize=6, frameon=False)
         return _svg_uri(figure)
 
 

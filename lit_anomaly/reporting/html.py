@@ -28,7 +28,7 @@ td small{color:#777}.kv td{text-align:left}
 .failed{color:#b00020}.error{background:#fdecea;border-left:4px solid #b00020;padding:8px 12px;
 white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:12px}
 .figures{display:flex;flex-wrap:wrap;gap:10px}.figures figure{margin:0}
-figcaption{font-size:12px;color:#555;max-width:520px}
+figcaption{font-size:12px;color:#555;max-width:310px}td small{white-space:nowrap}
 .cases{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:12px}
 .cases img{width:100%;image-rendering:pixelated;border:1px solid #ddd}
 .better{background:#e6f4ea}.worse{background:#fdecea}
@@ -49,7 +49,7 @@ def number(value: Any, digits: int = 3) -> str:
 def metric_cell(value: float | None, interval: Sequence[float] | None, attributes: str = "") -> str:
     shown = number(value)
     if interval is not None and value is not None:
-        shown += f" <small>[{interval[0]:.3f}, {interval[1]:.3f}]</small>"
+        shown += f"<br><small>[{interval[0]:.3f}, {interval[1]:.3f}]</small>"
     return f"<td{attributes}>{shown}</td>"
 
 
@@ -151,16 +151,16 @@ class RunPage:
             provenance = result.get("threshold_provenance") or {}
             promise = "none"
             if provenance:
-                promise = (f"q {provenance.get('quantile')}, {provenance.get('method')}, n {provenance.get('n')}, "
-                           f"false alarms ≤ {number(provenance.get('false_alarm_bound'))}")  # fmt: skip
-            rows.append([link, *cells, f"<td>{escape(promise)}</td>"])
-        by_category = table(
-            ["category", *shown, "threshold (quantile, method, normals, promised false-alarm share)"], rows
-        )
+                bound = provenance.get("false_alarm_bound")
+                promise = (f"q {provenance.get('quantile')} · {provenance.get('method')} · n {provenance.get('n')} · "
+                           f"≤ {100 * bound:.3g} % false alarms" if bound is not None else "none")  # fmt: skip
+            rows.append([link, *cells, f"<td style='text-align:left'>{escape(promise)}</td>"])
+        by_category = table(["category", *shown, "threshold's promise"], rows)
         return (
             f"<section id='summary'><h2>Summary</h2>{overall}<h3>Categories</h3>{by_category}"
             "<p class='legend'>Brackets: 95 % bootstrap interval (normal and anomalous test images resampled "
-            "separately).</p></section>"
+            "separately). Promise: quantile q, how the calibration normals were scored, how many, and the "
+            "share of good parts the threshold flags at most, on average.</p></section>"
         )
 
     def _section(self, name: str, result: Mapping) -> str:
