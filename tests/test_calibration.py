@@ -129,7 +129,7 @@ def test_patchcore_leave_one_out_equals_scoring_against_the_repaired_bank(tiny_r
     features = embedding.permute(0, 2, 3, 1).half()
     blocks = torch_model.blocks(features)
     assert len(blocks) == (1 if block_size is None else 3)
-    chosen = torch_model.select(features)
+    chosen = torch_model.select(features).sort().values  # the bank keeps its rows in image order
     features = features.flatten(0, 2).float()
     bank, owner, image_of = features[chosen], chosen // patches, torch.arange(6).repeat_interleave(patches)
     assert torch.equal(torch_model.memory_bank, bank)

@@ -7,9 +7,15 @@ import torchvision
 
 from lit_anomaly.data import MVTecAD
 from lit_anomaly.models import PaDiM, PatchCore
-from lit_anomaly.models.components import BackboneError, FeatureExtractor, greedy_coreset, nearest_neighbors
+from lit_anomaly.models.components import (
+    BackboneError,
+    FeatureExtractor,
+    greedy_coreset,
+    image_blocks,
+    nearest_neighbors,
+)
 from lit_anomaly.models.components.backbones import efficientnet_lite0_state_dict
-from lit_anomaly.models.components.coreset import _greedy_dense, _greedy_pruned
+from lit_anomaly.models.components.coreset import _greedy_batched, _greedy_dense
 
 DETECTORS = {"PatchCore": PatchCore, "PaDiM": PaDiM}
 
@@ -109,12 +115,21 @@ def test_greedy_coreset_matches_naive_k_center():
     assert len(set(selected)) == 40
 
 
-def test_pruned_cpu_coreset_selects_what_the_dense_device_loop_selects():
+@pytest.mark.parametrize("batch", [1, 16, 256, 5000])
+def test_batched_cpu_coreset_selects_what_the_dense_device_loop_selects(batch):
     clustered = torch.randn(20, 32, generator=torch.Generator().manual_seed(1)) * 4
     x = clustered.repeat_interleave(200, 0) + torch.randn(4000, 32, generator=torch.Generator().manual_seed(2))
-    assert _greedy_pruned(x, 400, 7).tolist() == _greedy_dense(x, 400, 7).tolist()
+    assert _greedy_batched(x, 400, 7, batch).tolist() == _greedy_dense(x, 400, 7).tolist()
     projected = greedy_coreset(x, 40, projection_dim=8, seed=3)
     assert len(set(projected.tolist())) == 40
+
+
+def test_image_blocks_cover_every_image_once_in_near_equal_groups():
+    assert image_blocks(10, 100, None) == [range(10)]
+    blocks = image_blocks(10, 100, 350)  # at most 3 images (300 rows) a block: four groups of 2-3 images
+    assert [len(b) for b in blocks] == [2, 3, 2, 3] and [i for b in blocks for i in b] == list(range(10))
+    assert image_blocks(3, 100, 1) == [range(0, 1), range(1, 2), range(2, 3)]  # never less than one image
+    assert image_blocks(0, 100, 350) == [range(0, 0)]
 
 
 def test_nearest_neighbors_match_cdist():

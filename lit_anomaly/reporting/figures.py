@@ -168,5 +168,5 @@ def overlay_png(
     gap = np.full((image.shape[0], 4, 3), 255, dtype=np.uint8)
     picture = Image.fromarray(np.concatenate([panels[0], gap, panels[1]], axis=1))
     buffer = io.BytesIO()
-    picture.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(buffer, format="PNG", optimize=True)
+    picture.quantize(colors=128, method=Image.Quantize.FASTOCTREE).save(buffer, format="PNG")
     return buffer.getvalue()

@@ -20,14 +20,15 @@ def random_projection(features: Tensor, dim: int | None, seed: int = 0, chunk: i
 
 
 def image_blocks(n_images: int, rows_per_image: int, block_rows: int | None) -> list[range]:
-    """Consecutive groups of whole images, of near-equal size and about `block_rows` patch rows at most (never
+    """Consecutive groups of whole images, of near-equal size and at most `block_rows` patch rows each (never
     less than one image); one group when `block_rows` is None.
 
     Greedy k-center costs rows x centres, so over one block per group a coreset of a fixed ratio costs time
     linear in the train set instead of quadratic; a group is also what a leave-one-out refit has to redo.
     """
-    count = 1 if block_rows is None else max(1, min(n_images, math.ceil(n_images * rows_per_image / block_rows)))
-    bounds = [round(i * n_images / count) for i in range(count + 1)]
+    per_block = n_images if block_rows is None else max(1, block_rows // max(1, rows_per_image))
+    count = max(1, math.ceil(n_images / max(1, per_block)))
+    bounds = [i * n_images // count for i in range(count + 1)]
     return [range(start, stop) for start, stop in itertools.pairwise(bounds)]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -55,8 +56,8 @@ class PatchCoreModel(nn.Module):
 
     def fit(self, features: Tensor) -> Tensor:
         """Build the memory bank from the training patch features (N, h, w, D); returns the chosen rows."""
-        patches = features.flatten(0, 2)
-        self.memory_bank = patches.index_select(0, chosen := self.select(features)).float().contiguous()
+        chosen = self.select(features).sort().values  # rows of one image lie together: see leave_one_out_scores
+        self.memory_bank = features.flatten(0, 2).index_select(0, chosen).float().contiguous()
         return chosen
 
     def blocks(self, features: Tensor) -> list[range]:
@@ -109,16 +110,12 @@ class PatchCoreModel(nn.Module):
         images that they were nearest to. Removal alone leaves holes a refit fills, and scores run high;
         repaired, they match unseen normals (benchmarks/calibration.py).
         """
-        n, height, width, dim = features.shape
+        _, height, width, dim = features.shape
         per_image = height * width
         patches = features.reshape(-1, dim)
-        if not self.reweight:  # each image against every bank row but its own, in one chunked pass
-            queries = patches.view(n, per_image, dim).index_select(0, images).flatten(0, 1).float()
-            groups = images.repeat_interleave(per_image)
-            without_own = nearest_neighbors(queries, self.memory_bank, query_groups=groups, bank_groups=bank_owner)
-            without_own = without_own[0].view(len(images), per_image)
+        own_rows = torch.searchsorted(bank_owner, torch.stack([images, images + 1], 1))  # the bank is in image order
         scores, block, repair = [], None, None
-        for position, image in enumerate(images.tolist()):
+        for image, (first, stop) in zip(images.tolist(), own_rows.tolist(), strict=True):
             if block is None or image not in block:
                 block = next(b for b in self.blocks(features) if image in b)
                 repair = self._repair_candidates(patches, bank_owner, block, per_image)
@@ -131,10 +128,9 @@ class PatchCoreModel(nn.Module):
                 bank = torch.cat([self.memory_bank[bank_owner != image], refill])
                 scores.append(self.score(own[None], bank)[1])
                 continue
-            patch_scores = without_own[position]
-            if len(refill):
-                patch_scores = torch.minimum(patch_scores, nearest_neighbors(own, refill)[0][:, 0])
-            scores.append(patch_scores.max().view(1))
+            references = (self.memory_bank[:first], self.memory_bank[stop:], refill)  # every row but its own
+            distances = [nearest_neighbors(own, r)[0][:, 0] for r in references if len(r)]
+            scores.append(torch.stack(distances).amin(0).max().view(1) if distances else own.new_full((1,), math.inf))
         return torch.cat(scores) if scores else features.new_empty(0, dtype=torch.float32)
 
     def _repair_candidates(
