@@ -94,6 +94,7 @@ def tiny_root(tmp_path_factory):
 
 
 def fitted(cls, root, **kwargs):
+    torch.manual_seed(0)  # the random backbone weights
     dm = MVTecAD(root, "tile", image_size=32, num_workers=0, train_batch_size=4)
     model = cls(backbone="efficientnet_lite0", pretrained=False, calibration_quantile=0.5, **kwargs)
     trainer().fit(model, datamodule=dm)
@@ -140,7 +141,10 @@ def test_patchcore_leave_one_out_equals_scoring_against_the_repaired_bank(tiny_r
         nearest_owner = owner[bank_in_block][torch.cdist(features, bank[bank_in_block]).argmin(1)]
         kept = bank[owner != left_out]
         candidates = features[(nearest_owner == left_out) & (image_of != left_out) & in_block]
-        distances = torch.cdist(candidates, bank[bank_in_block & (owner != left_out)]).amin(1)
+        others = bank[bank_in_block & (owner != left_out)]  # none when the image owns the block's whole bank
+        distances = (
+            torch.cdist(candidates, others).amin(1) if len(others) else torch.full((len(candidates),), torch.inf)
+        )
         refill = []
         for _ in range(min(int((owner == left_out).sum()), len(candidates))):
             refill.append(candidates[int(distances.argmax())])

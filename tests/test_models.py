@@ -139,6 +139,12 @@ def test_nearest_neighbors_match_cdist():
     reference = torch.cdist(queries, bank).topk(3, largest=False)
     assert torch.equal(indices, reference.indices)
     assert torch.allclose(distances, reference.values, atol=1e-4)
+    distances, indices = nearest_neighbors(queries, bank, tile=(64, 32))  # k = 1: tiles of queries and bank rows
+    assert torch.equal(indices, reference.indices[:, :1]) and torch.allclose(
+        distances, reference.values[:, :1], atol=1e-4
+    )
+    alone = nearest_neighbors(queries[:5], bank, tile=(64, 32))[0]
+    assert torch.equal(alone, distances[:5])  # a query's distance does not depend on the others in its batch
 
 
 def test_patchcore_reweighting_and_bad_arguments(mvtec_root):

@@ -8,36 +8,41 @@ from torch import Tensor
 
 
 def nearest_neighbors(
-    queries: Tensor,
-    bank: Tensor,
-    k: int = 1,
-    max_elements: int = 2**26,
-    query_groups: Tensor | None = None,
-    bank_groups: Tensor | None = None,
+    queries: Tensor, bank: Tensor, k: int = 1, max_elements: int = 2**26, tile: tuple[int, int] = (256, 1024)
 ) -> tuple[Tensor, Tensor]:
     """Euclidean distances (Q, k) and indices (Q, k) of the `k` nearest rows of `bank` for every query.
 
-    With `query_groups` (Q,) and `bank_groups` (M,), a query never matches a bank row of its own group
-    (leave-one-image-out scoring); a query with no other row gets distance inf.
-
     Every matrix product has the same shape (the last chunk is zero-padded): BLAS blocking depends
-    on shape, so a query's distances never depend on how many other queries came with it.
+    on shape, so a query's distances never depend on how many other queries came with it. The nearest
+    neighbour alone (k = 1, every score) is reduced tile by tile, `tile` = (queries, bank rows), so the
+    distances never leave the cache: the full distance matrix would be written to memory and read back,
+    which costs more than the products.
     """
     bank = bank.to(queries.dtype)
     bank_norms = (bank * bank).sum(1)
-    chunk = 1 << max(6, min(14, (max_elements // max(1, len(bank))).bit_length() - 1))
     n = len(queries)
+    chunk = tile[0] if k == 1 else 1 << max(6, min(14, (max_elements // max(1, len(bank))).bit_length() - 1))
     padded = F.pad(queries, (0, 0, 0, -n % chunk))
-    if query_groups is not None:
-        query_groups = F.pad(query_groups, (0, -n % chunk), value=-1)
     distances, indices = [], []
     for start in range(0, len(padded), chunk):
         q = padded[start : start + chunk]
-        squared = torch.addmm(bank_norms, q, bank.T, alpha=-2.0).add_((q * q).sum(1, keepdim=True))
-        if query_groups is not None:
-            own = query_groups[start : start + chunk, None] == bank_groups[None, :]
-            squared.masked_fill_(own, float("inf"))
-        top = squared.topk(k, dim=1, largest=False) if k > 1 else squared.min(dim=1, keepdim=True)
-        distances.append(top[0].clamp_min_(0).sqrt_())
-        indices.append(top[1])
+        if k == 1:
+            squared, nearest = _nearest_tiled(q, bank, bank_norms, tile[1])
+        else:
+            squared, nearest = torch.addmm(bank_norms, q, bank.T, alpha=-2.0).topk(k, dim=1, largest=False)
+        distances.append(squared.add_((q * q).sum(1, keepdim=True)).clamp_min_(0).sqrt_())
+        indices.append(nearest)
     return torch.cat(distances)[:n], torch.cat(indices)[:n]
+
+
+def _nearest_tiled(q: Tensor, bank: Tensor, bank_norms: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+    """|b|^2 - 2 q.b (Q, 1) and its index for the nearest bank row of each query, `rows` bank rows at a time."""
+    best = torch.full((len(q), 1), float("inf"), dtype=q.dtype, device=q.device)
+    where = torch.zeros((len(q), 1), dtype=torch.long, device=q.device)
+    for start in range(0, len(bank), rows):
+        partial = torch.addmm(bank_norms[start : start + rows], q, bank[start : start + rows].T, alpha=-2.0)
+        value, index = partial.min(dim=1, keepdim=True)
+        closer = value < best
+        best = torch.where(closer, value, best)
+        where = torch.where(closer, index + start, where)
+    return best, where

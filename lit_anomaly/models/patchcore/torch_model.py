@@ -77,22 +77,16 @@ class PatchCoreModel(nn.Module):
             chosen.append(greedy_coreset(rows, n_select, self.projection_dim, self.seed) + block.start * per_image)
         return torch.cat(chosen)
 
-    def score(
-        self, queries: Tensor, bank: Tensor, query_groups: Tensor | None = None, bank_groups: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """Patch scores (B, P) and image scores (B,) of patch features (B, P, D) against `bank`.
-
-        With groups, a patch is never compared with bank rows of its own group (see `nearest_neighbors`).
-        """
+    def score(self, queries: Tensor, bank: Tensor) -> tuple[Tensor, Tensor]:
+        """Patch scores (B, P) and image scores (B,) of patch features (B, P, D) against `bank`."""
         batch, patches, dim = queries.shape
         queries = queries.reshape(-1, dim)
-        distances, indices = nearest_neighbors(queries, bank, 1, query_groups=query_groups, bank_groups=bank_groups)
+        distances, indices = nearest_neighbors(queries, bank)
         patch_scores = distances[:, 0].view(batch, patches)
         scores, best = patch_scores.max(dim=1)
         if self.reweight and len(bank) > 1:
             rows = torch.arange(batch, device=queries.device) * patches + best
-            group = query_groups[rows] if query_groups is not None else None
-            scores = self._reweighted(queries[rows], bank, indices[rows, 0], scores, group, bank_groups)
+            scores = self._reweighted(queries[rows], bank, indices[rows, 0], scores)
         return patch_scores, scores
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
@@ -166,20 +160,10 @@ class PatchCoreModel(nn.Module):
             scores.append(self.score(queries.reshape(len(queries), patches, -1), bank)[1])
         return torch.cat(scores)
 
-    def _reweighted(
-        self,
-        query: Tensor,
-        bank: Tensor,
-        nearest: Tensor,
-        scores: Tensor,
-        query_groups: Tensor | None = None,
-        bank_groups: Tensor | None = None,
-    ) -> Tensor:
+    def _reweighted(self, query: Tensor, bank: Tensor, nearest: Tensor, scores: Tensor) -> Tensor:
         """Paper eq. 7: damp the score when the nearest bank patch sits in a dense neighbourhood."""
         k = min(self.num_neighbors, len(bank))
-        _, neighbourhood = nearest_neighbors(
-            bank[nearest], bank, k=k, query_groups=query_groups, bank_groups=bank_groups
-        )
+        _, neighbourhood = nearest_neighbors(bank[nearest], bank, k=k)
         distances = torch.linalg.vector_norm(query[:, None] - bank[neighbourhood], dim=-1)
         weights = 1.0 - torch.softmax(distances, dim=1)[:, 0]
         return weights * scores
