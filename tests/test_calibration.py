@@ -154,6 +154,14 @@ def test_patchcore_leave_one_out_equals_scoring_against_the_repaired_bank(tiny_r
     assert model.calibration.scores.tolist() == pytest.approx(sorted(brute_force), rel=1e-5)
 
 
+@pytest.mark.parametrize("calibration", ["leave-one-out", "k-fold:3"])
+def test_patchcore_scores_at_most_calibration_max_images(tiny_root, calibration):
+    model, _ = fitted(PatchCore, tiny_root, calibration=calibration, calibration_max_images=4)
+    assert model.calibration.n == 4 and model.scored_images(6).tolist() == model.scored_images(6).sort().values.tolist()
+    with pytest.raises(ValueError, match="calibration_max_images"):
+        PatchCore(backbone="efficientnet_lite0", pretrained=False, calibration_max_images=0)
+
+
 @pytest.mark.parametrize("cls", [PatchCore, PaDiM])
 def test_k_fold_scores_every_train_image_once(cls, tiny_root):
     model, _ = fitted(cls, tiny_root, calibration="k-fold:3", **({"n_features": 12} if cls is PaDiM else {}))

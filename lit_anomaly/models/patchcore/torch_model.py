@@ -148,10 +148,13 @@ class PatchCoreModel(nn.Module):
         image_of = torch.arange(block.start, block.stop, device=patches.device).repeat_interleave(per_image)
         return torch.cat(nearest_owner)[:n], torch.cat(uncovered)[:n].clamp_min(0).sqrt(), image_of, block_patches
 
-    def cross_fit_scores(self, features: Tensor, folds: Tensor, fold: int, chunk: int = 16) -> Tensor:
-        """Scores of the images of `fold` against a memory bank built, as `fit` builds it, from the other folds."""
+    def cross_fit_scores(self, features: Tensor, folds: Tensor, fold: int, images: Tensor, chunk: int = 16) -> Tensor:
+        """Scores of `images` (indices into `features`, all in `fold`) against a memory bank built, as `fit`
+        builds it, from the other folds."""
+        if not len(images):
+            return features.new_empty(0, dtype=torch.float32)
         patches = features.shape[1] * features.shape[2]
-        inside = torch.nonzero(folds == fold).squeeze(1)
+        inside = images
         outside = features[folds != fold]
         bank = outside.flatten(0, 2).index_select(0, self.select(outside)).float()
         scores = []
