@@ -45,12 +45,25 @@ def dataset_root(args: argparse.Namespace, scale: int) -> Path:
     return root
 
 
+def import_seconds() -> float:
+    """`import lit_anomaly.cli` in a fresh interpreter: what every command pays before it starts."""
+    code = "import time; t = time.perf_counter(); import lit_anomaly.cli; print(time.perf_counter() - t)"
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
 def measure(args: argparse.Namespace) -> dict:
     """One fit+test of ours, in this process."""
     import torch
+    from pytorch_lightning import Callback
     from pytorch_lightning.profilers import SimpleProfiler
 
     from lit_anomaly.pipelines import run_benchmark_category
+
+    class FirstBatchCallback(Callback):
+        at: float | None = None  # on the class: the pipeline deep-copies callbacks
+
+        def on_train_batch_start(self, *args, **kwargs) -> None:
+            type(self).at = type(self).at or time.perf_counter()
 
     profiler = SimpleProfiler(dirpath=tempfile.mkdtemp(), filename="profile")
     model_args = {"backbone": args.backbone, "pretrained": not args.random_init}
@@ -64,7 +77,9 @@ def measure(args: argparse.Namespace) -> dict:
         "calibration_fraction": args.calibration_fraction, "train_batch_size": 32, "eval_batch_size": 32,
         "cache_dir": args.cache_dir,
     }  # fmt: skip
+    first_batch = FirstBatchCallback()
     trainer = {"accelerator": args.accelerator, "devices": 1, "logger": False, "profiler": profiler}
+    trainer["callbacks"] = [first_batch]
     trainer["max_epochs"] = args.epochs  # trained detectors; memory-bank detectors take one pass
     if args.accelerator in ("gpu", "cuda"):
         trainer["precision"] = "32-true"  # features run under bf16 autocast inside the extractor
@@ -94,6 +109,7 @@ def measure(args: argparse.Namespace) -> dict:
         "train_images": counts["train"],
         "test_images": counts["test"],
         "wall_s": round(wall, 3),
+        "first_batch_s": round(first_batch.at - started, 3) if first_batch.at else None,
         "load_wait_s": total("train_dataloader_next", "val_next", "test_next"),
         "features_s": total("training_step"),
         # the epoch-end hooks build the model and score the train normals out of sample (calibration)
@@ -167,6 +183,7 @@ def main() -> None:
         print(json.dumps(measure(args)))
         return
 
+    print(json.dumps({"import_lit_anomaly_cli_s": round(import_seconds(), 3)}), flush=True)
     lines = []
     forwarded = [a for a in sys.argv[1:] if a not in ("--worker",)]
     for scale in args.scales:

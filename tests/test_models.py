@@ -12,6 +12,7 @@ from lit_anomaly.models.components import (
     FeatureExtractor,
     greedy_coreset,
     image_blocks,
+    nearest_distances,
     nearest_neighbors,
 )
 from lit_anomaly.models.components.backbones import efficientnet_lite0_state_dict
@@ -145,6 +146,7 @@ def test_nearest_neighbors_match_cdist():
     )
     alone = nearest_neighbors(queries[:5], bank, tile=(64, 32))[0]
     assert torch.equal(alone, distances[:5])  # a query's distance does not depend on the others in its batch
+    assert torch.equal(nearest_distances(queries, bank, tile=(64, 32)), distances[:, 0])
 
 
 def test_patchcore_reweighting_and_bad_arguments(mvtec_root):

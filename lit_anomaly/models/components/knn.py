@@ -46,3 +46,21 @@ def _nearest_tiled(q: Tensor, bank: Tensor, bank_norms: Tensor, rows: int) -> tu
         best = torch.where(closer, value, best)
         where = torch.where(closer, index + start, where)
     return best, where
+
+
+def nearest_distances(queries: Tensor, bank: Tensor, tile: tuple[int, int] = (256, 1024)) -> Tensor:
+    """Euclidean distance (Q,) of every query to its nearest bank row: `nearest_neighbors` with k = 1, without
+    the indices that only the reweighting needs (tracking them costs a third of the time)."""
+    bank = bank.to(queries.dtype)
+    bank_norms = (bank * bank).sum(1)
+    n, chunk = len(queries), tile[0]
+    padded = F.pad(queries, (0, 0, 0, -n % chunk))
+    distances = []
+    for start in range(0, len(padded), chunk):
+        q = padded[start : start + chunk]
+        best = torch.full((len(q),), float("inf"), dtype=q.dtype, device=q.device)
+        for first in range(0, len(bank), tile[1]):
+            partial = torch.addmm(bank_norms[first : first + tile[1]], q, bank[first : first + tile[1]].T, alpha=-2.0)
+            torch.minimum(best, partial.amin(1), out=best)
+        distances.append(best.add_((q * q).sum(1)).clamp_min_(0).sqrt_())
+    return torch.cat(distances)[:n]

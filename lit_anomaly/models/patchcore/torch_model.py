@@ -10,7 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..components import FeatureExtractor, farthest_first, greedy_coreset, image_blocks, nearest_neighbors, smooth
+from ..components import (
+    FeatureExtractor,
+    farthest_first,
+    greedy_coreset,
+    image_blocks,
+    nearest_distances,
+    nearest_neighbors,
+    smooth,
+)
 
 
 class PatchCoreModel(nn.Module):
@@ -81,10 +89,13 @@ class PatchCoreModel(nn.Module):
         """Patch scores (B, P) and image scores (B,) of patch features (B, P, D) against `bank`."""
         batch, patches, dim = queries.shape
         queries = queries.reshape(-1, dim)
+        if not self.reweight:
+            patch_scores = nearest_distances(queries, bank).view(batch, patches)
+            return patch_scores, patch_scores.amax(dim=1)
         distances, indices = nearest_neighbors(queries, bank)
         patch_scores = distances[:, 0].view(batch, patches)
         scores, best = patch_scores.max(dim=1)
-        if self.reweight and len(bank) > 1:
+        if len(bank) > 1:
             rows = torch.arange(batch, device=queries.device) * patches + best
             scores = self._reweighted(queries[rows], bank, indices[rows, 0], scores)
         return patch_scores, scores
@@ -123,7 +134,7 @@ class PatchCoreModel(nn.Module):
                 scores.append(self.score(own[None], bank)[1])
                 continue
             references = (self.memory_bank[:first], self.memory_bank[stop:], refill)  # every row but its own
-            distances = [nearest_neighbors(own, r)[0][:, 0] for r in references if len(r)]
+            distances = [nearest_distances(own, r) for r in references if len(r)]
             scores.append(torch.stack(distances).amin(0).max().view(1) if distances else own.new_full((1,), math.inf))
         return torch.cat(scores) if scores else features.new_empty(0, dtype=torch.float32)
 
