@@ -177,7 +177,7 @@ def compare_page(runs: Sequence[Run], document: dict[str, Any]) -> str:
                 test = document["paired_image_auroc"][category][i] if key == "image_auroc" else None
                 if test is not None:
                     delta += f" <small>p {test['p_value']:.2g}{' *' if test['significant'] else ''}</small>"
-                cells.append(metric_cell(value, interval, f" class='{css}'").replace("</td>", f"{delta}</td>"))
+                cells.append(metric_cell(value, interval, f" class='{css}'", delta))
             rows.append(cells)
         body.append(f"<h2>{key}</h2>{table(['category', *names], rows)}")
     body.append(

@@ -34,7 +34,6 @@ figcaption{font-size:12px;color:#555;max-width:310px}td small{white-space:nowrap
 .better{background:#e6f4ea}.worse{background:#fdecea}
 nav a{margin-right:10px}.legend{font-size:12px;color:#555}
 """
-FORMATS = {"timestamp_utc": str}
 CASE_KINDS = {"false_alarm": "Highest-scored normal images", "missed_defect": "Lowest-scored anomalous images"}
 
 
@@ -46,11 +45,12 @@ def number(value: Any, digits: int = 3) -> str:
     return escape(str(value))
 
 
-def metric_cell(value: float | None, interval: Sequence[float] | None, attributes: str = "") -> str:
+def metric_cell(value: float | None, interval: Sequence[float] | None, attributes: str = "", extra: str = "") -> str:
+    """A metric's cell: the value, its interval below it, then `extra` (HTML)."""
     shown = number(value)
     if interval is not None and value is not None:
         shown += f"<br><small>[{interval[0]:.3f}, {interval[1]:.3f}]</small>"
-    return f"<td{attributes}>{shown}</td>"
+    return f"<td{attributes}>{shown}{extra}</td>"
 
 
 def table(header: Iterable[str], rows: Iterable[Iterable[str]], css: str = "") -> str:
@@ -59,8 +59,9 @@ def table(header: Iterable[str], rows: Iterable[Iterable[str]], css: str = "") -
     return f'<table class="{css}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def figure(uri: str, caption: str, alt: str) -> str:
-    return f'<figure><img src="{uri}" alt="{escape(alt)}"><figcaption>{escape(caption)}</figcaption></figure>'
+def figure(uri: str, caption: str, alt: str, style: str = "") -> str:
+    style = f' style="{style}"' if style else ""
+    return f'<figure{style}><img src="{uri}" alt="{escape(alt)}"><figcaption>{escape(caption)}</figcaption></figure>'
 
 
 def page(title: str, body: str) -> str:
@@ -244,11 +245,7 @@ def hard_cases(cases: Sequence[Mapping], directory: Path, threshold: float | Non
             verdict = "flagged" if threshold is not None and case["score"] >= threshold else "passed"
             colour = NORMAL if kind == "false_alarm" else ANOMALOUS
             caption = f"{Path(case['path']).name} ({case.get('defect_type')}): score {case['score']:.4g}, {verdict}"
-            shown.append(
-                figure(uri, caption, f"{kind} {case['path']}").replace(
-                    "<figure>", f"<figure style='border-top:3px solid {colour}'>", 1
-                )
-            )
+            shown.append(figure(uri, caption, f"{kind} {case['path']}", f"border-top:3px solid {colour}"))
         if shown:
             html.append(f"<h3>{escape(title)}</h3><div class='cases'>{''.join(shown)}</div>")
     return "".join(html)
