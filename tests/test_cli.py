@@ -14,9 +14,12 @@ from lit_anomaly.reporting import HEADLINE_METRICS
 
 REPORT_KEYS = {
     "schema_version", "lit_anomaly_version", "timestamp_utc", "dataset", "model", "categories", "per_category",
-    "mean_metrics", "std_metrics", "run_dir", "config", "environment",
+    "mean_metrics", "std_metrics", "run_dir", "wall_s", "config", "environment",
 }  # fmt: skip
-CATEGORY_KEYS = {"status", "error", "threshold", "threshold_provenance", "metrics", "counts", "timing"}
+CATEGORY_KEYS = {
+    "status", "error", "threshold", "threshold_provenance", "metrics", "metric_intervals", "curves", "hard_cases",
+    "counts", "timing",
+}  # fmt: skip
 RECORD_KEYS = {"index", "path", "category", "defect_type", "label", "score", "threshold", "pred"}
 
 
@@ -69,6 +72,11 @@ def test_single_category_writes_every_artifact(cli_root, tmp_path, capsys):
     assert config["model"]["init_args"]["backbone"] == "efficientnet_lite0"
     assert config["data"]["init_args"]["category"] == "carpet" and config["run"]["output_dir"] == str(out)
     assert report["environment"]["packages"]["torch"]
+    assert (out / "report.html").stat().st_size > 0 and "carpet" in (out / "report.html").read_text()
+    assert {c["file"] for c in category["hard_cases"]} == {
+        str(p.relative_to(out / "categories" / "carpet"))
+        for p in (out / "categories" / "carpet" / "hard_cases").iterdir()
+    }
     events = EventAccumulator(str(out / "tensorboard" / "carpet"), size_guidance={"images": 0, "histograms": 0})
     tags = events.Reload().Tags()
     assert {"test/image_auroc", "test/pixel_aupro", "test/threshold", "threshold"} <= set(tags["scalars"])

@@ -68,14 +68,14 @@ def image_statistics(threshold: float | None) -> dict[str, Callable[..., np.ndar
 
 def bootstrap_intervals(
     scores: Sequence[float], labels: Sequence[int], threshold: float | None, seed: int = 0, resamples: int = RESAMPLES
-) -> dict[str, tuple[float, float] | None]:
+) -> dict[str, list[float] | None]:
     """95 % percentile bootstrap interval of every image metric, resampling normals and defects separately
     (the test set's class sizes are fixed by design, not drawn). None where a metric is undefined."""
     from scipy.stats import bootstrap
 
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
     normal, defect = scores[labels == 0], scores[labels == 1]
-    intervals: dict[str, tuple[float, float] | None] = dict.fromkeys(IMAGE_KEYS)
+    intervals: dict[str, list[float] | None] = dict.fromkeys(IMAGE_KEYS)
     if len(normal) < 2 or len(defect) < 2:
         return intervals
     for key, statistic in image_statistics(threshold).items():
@@ -84,7 +84,7 @@ def bootstrap_intervals(
             vectorized=True, paired=False, batch=500, rng=np.random.default_rng(seed),
         )  # fmt: skip
         low, high = result.confidence_interval
-        intervals[key] = None if np.isnan(low) or np.isnan(high) else (float(low), float(high))
+        intervals[key] = None if np.isnan(low) or np.isnan(high) else [float(low), float(high)]  # as JSON has it
     return intervals
 
 
