@@ -70,7 +70,7 @@ def pr_points(scores: Sequence[float], labels: Sequence[int]) -> tuple[np.ndarra
     )
 
 
-def _figure(width: float = 3.2, height: float = 2.6):
+def _figure(width: float = 2.9, height: float = 2.4):
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry is touched
 
     figure = Figure(figsize=(width, height))

@@ -28,7 +28,7 @@ td small{color:#777}.kv td{text-align:left}
 .failed{color:#b00020}.error{background:#fdecea;border-left:4px solid #b00020;padding:8px 12px;
 white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:12px}
 .figures{display:flex;flex-wrap:wrap;gap:10px}.figures figure{margin:0}
-figcaption{font-size:12px;color:#555;max-width:310px}td small{white-space:nowrap}
+figcaption{font-size:12px;color:#555;max-width:275px}td small{white-space:nowrap}
 .cases{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:12px}
 .cases img{width:100%;image-rendering:pixelated;border:1px solid #ddd}
 .better{background:#e6f4ea}.worse{background:#fdecea}
