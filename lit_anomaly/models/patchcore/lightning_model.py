@@ -24,9 +24,9 @@ class PatchCore(AnomalyModule):
         weights_path: a state dict file (torchvision, timm or EfficientNet-PyTorch keys) to load instead;
             for air-gapped sites.
         coreset_ratio: share of all train patches kept in the memory bank, in (0, 1]; 1 keeps all.
-        coreset_block_size: the coreset is chosen in consecutive blocks of whole train images of about this
-            many patches each, so its cost grows linearly with the train set; null: one greedy pass over all
-            patches (the paper's, quadratic).
+        coreset_block_size: the coreset is chosen in consecutive blocks of whole train images of at most this
+            many patches each (at least one image), so its cost grows linearly with the train set; null: one
+            greedy pass over all patches (the paper's, quadratic).
         projection_dim: random projection size for coreset selection (speed); null selects on full features.
         num_neighbors: memory-bank neighbourhood size for the paper's reweighting (with reweight true).
         reweight: damp scores of patches whose nearest bank patch lies in a dense region (paper eq. 7).
@@ -39,8 +39,8 @@ class PatchCore(AnomalyModule):
         calibration: how train normals are scored for the threshold: leave-one-out (default), k-fold:K
             (K >= 2 refits), or none (only held-out or validation normals calibrate).
         calibration_max_images: score at most this many train images out of sample (a seeded random
-            subset, the same on every rank); each costs about what testing an image costs. 200 keep the
-            default q = 0.995 exact (it needs 199); null scores every train image.
+            subset, the same on every rank); each costs about what testing an image costs. 200 are enough for
+            the default q = 0.995 (it needs 199); null scores every train image.
         pixel_eval_size: compute pixel metrics at this square size in px (default: the input size).
         aupro_fpr_limit: false-positive-rate limit of AUPRO, in (0, 1]; MVTec's 0.3 by default.
     """
