@@ -92,6 +92,27 @@ def test_html_false_writes_no_page(tmp_path):
     assert not (tmp_path / "run" / "categories" / "tile" / "hard_cases").exists()
 
 
+def test_a_failing_overlay_costs_the_category_nothing(tmp_path, monkeypatch, capsys):
+    import lit_anomaly.pipelines.benchmark as pipeline
+
+    def broken(*args, **kwargs):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(pipeline, "overlay_png", broken)
+    root = write_synthetic(tmp_path / "data", "MVTecAD", ["tile"], 8, 3, 3, 48)
+    report = run_benchmark(
+        model={"class_path": "PaDiM", "init_args": {"backbone": "efficientnet_lite0"}},
+        data={"class_path": "MVTecAD", "init_args": {"root": str(root), "image_size": 48, "num_workers": 0}},
+        category="tile",
+        trainer={"accelerator": "cpu"},
+        run={"output_dir": str(tmp_path / "run")},
+    )
+    result = report["per_category"]["tile"]
+    assert result["status"] == "ok" and result["hard_cases"] == [] and result["metrics"]["image_auroc"] is not None
+    assert "no hard-case overlays (OSError: disk gone)" in capsys.readouterr().err
+    assert "<section id='category-tile'>" in (tmp_path / "run" / "report.html").read_text()
+
+
 def test_compare_tables_match_both_reports(runs, tmp_path, capsys):
     output = tmp_path / "compare.html"
     assert main(["compare", str(runs["PatchCore"]), str(runs["PaDiM"]), "--output", str(output)]) == 0

@@ -285,7 +285,14 @@ def run_benchmark_category(
             notes["pixel_spro"] = why
     records = _per_image_records(datamodule, result, calibration.threshold, category)
     test = datamodule.samples("test")
-    cases, artifacts = _hard_cases(datamodule, result, records, hard_cases if lightning.is_global_zero else 0)
+    try:
+        cases, artifacts = _hard_cases(datamodule, result, records, hard_cases if lightning.is_global_zero else 0)
+    except Exception as error:  # pictures for the page must never cost the category its results
+        print(
+            f"lit-anomaly: warning: {category}: no hard-case overlays ({type(error).__name__}: {error})",
+            file=sys.stderr,
+        )
+        cases, artifacts = [], {}
     return {
         "category": category,
         "status": "ok",
