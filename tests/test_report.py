@@ -69,6 +69,17 @@ def test_a_failed_category_shows_its_error_in_the_page(runs):
     assert "empty train split" in sections(page)["wood"] and "<img" not in sections(page)["wood"]
 
 
+def test_a_category_name_the_folder_sanitises_still_finds_its_files(runs, tmp_path):
+    from lit_anomaly.reporting.html import RunPage
+
+    folder = tmp_path / "odd"
+    shutil.copytree(runs["PaDiM"], folder)
+    report = json.loads((folder / "report.json").read_text())
+    report["per_category"] = {"my tile": {**report["per_category"]["tile"], "category": "my tile"}}
+    (folder / "categories" / "tile").rename(folder / "categories" / "my-tile")  # RunFolder.category_dir's name
+    assert sections(RunPage(folder).render(report))["my tile"].count("<img") == 4 + 2 * CASES
+
+
 def test_report_json_carries_intervals_around_each_metric(runs):
     result = json.loads((runs["PaDiM"] / "categories" / "tile" / "report.json").read_text())
     for key, value in result["metrics"].items():

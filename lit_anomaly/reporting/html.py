@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .figures import ANOMALOUS, NORMAL, Curve, curve_plot, png_uri, pr_points, roc_points, score_histogram
-from .run_folder import HEADLINE_METRICS
+from .run_folder import HEADLINE_METRICS, sanitize
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1180px;
@@ -165,7 +165,7 @@ class RunPage:
         )
 
     def _section(self, name: str, result: Mapping) -> str:
-        directory = self.folder / "categories" / Path(str(result.get("category", name))).name
+        directory = self.folder / "categories" / sanitize(name)  # as RunFolder.category_dir names it
         stamp = json.dumps(result, sort_keys=True, default=str)
         cached = self._sections.get(name)
         if cached is not None and cached[0] == stamp:
