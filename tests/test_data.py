@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from lit_anomaly.data import BTAD, DatasetError, Folder, MVTecAD, MVTecAD2, MVTecLOCO, VisA
-from lit_anomaly.data.base import read_image, to_float_batch, to_rgb_array
+from lit_anomaly.data.base import read_image, read_mask, to_float_batch, to_rgb_array
 
 CLASSES = {
     "MVTecAD": MVTecAD,
@@ -314,10 +314,34 @@ def write_png16(path, array):
 
 def test_png_fast_path_decodes_the_pixels_pillow_decodes(tmp_path):
     rng = np.random.default_rng(0)
-    rgb = tmp_path / "rgb.png"
-    Image.fromarray((rng.random((37, 53, 3)) * 255).astype(np.uint8)).save(rgb)
-    write_png16(deep := tmp_path / "deep.png", (rng.random((20, 30, 3)) * 65535).astype(np.uint16))
-    for path in (rgb, deep):
+    rgb = Image.fromarray((rng.random((37, 53, 3)) * 255).astype(np.uint8))
+    variants = {
+        "rgb": (rgb, {}), "rgba": (rgb.convert("RGBA"), {}), "la": (rgb.convert("LA"), {}),
+        "grey": (rgb.convert("L"), {}), "grey_trns": (rgb.convert("L"), {"transparency": 3}),
+        "bilevel": (rgb.convert("1"), {}), "palette": (rgb.convert("P"), {}),
+        "palette_trns": (rgb.convert("P"), {"transparency": 3}), "palette_4bit": (rgb.convert("P"), {"bits": 4}),
+        "grey16": (Image.fromarray((rng.random((37, 53)) * 65535).astype(np.uint16)), {}),
+    }  # fmt: skip
+    paths = []
+    for name, (image, options) in variants.items():
+        image.save(path := tmp_path / f"{name}.png", **options)
+        paths.append(path)
+    write_png16(deep := tmp_path / "rgb16.png", (rng.random((20, 30, 3)) * 65535).astype(np.uint16))
+    for path in [*paths, deep]:
         with Image.open(path) as image:
-            expected = to_rgb_array(image)
+            expected, values = to_rgb_array(image), np.asarray(image)
         assert np.array_equal(read_image(path, expected.shape[:2]), expected), path.name
+        defect = (values.max(axis=2) if values.ndim == 3 else values) > 0
+        assert np.array_equal(read_mask([path], defect.shape), defect), path.name
+
+
+def test_resizing_matches_pillow_full_resampling(tmp_path):
+    rng = np.random.default_rng(1)
+    pixels = (rng.random((90, 120, 3)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path := tmp_path / "image.png")
+    Image.fromarray(pixels[..., 0] > 128).save(mask_path := tmp_path / "mask.png")
+    for size in [(23, 31), (90, 200), (256, 256)]:
+        expected = np.asarray(Image.fromarray(pixels).resize(size[::-1], Image.BILINEAR), dtype=np.int16)
+        assert np.abs(read_image(path, size).astype(np.int16) - expected).max() <= 1, size
+        nearest = np.asarray(Image.fromarray(pixels[..., 0] > 128).resize(size[::-1], Image.NEAREST))
+        assert np.array_equal(read_mask([mask_path], size), nearest), size

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..reporting.run_folder import write_atomic
 
-CACHE_VERSION = 1  # bump when decoding or resizing changes
+CACHE_VERSION = 2  # bump when decoding or resizing changes
 
 
 class DecodeCache:
