@@ -126,7 +126,8 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
         self.channels: list[int] = self.model.feature_info.channels()
         self.strides: list[int] = self.model.feature_info.reduction()
-        self.model.eval().requires_grad_(False)
+        # oneDNN's convolutions, depthwise ones above all, run 1.3-1.6x faster on NHWC tensors (CPU and cuDNN)
+        self.model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
 
     def _load_pretrained(self, indices: tuple[int, ...]) -> None:
         if self.backbone == "efficientnet_lite0":
@@ -155,13 +156,13 @@ class FeatureExtractor(nn.Module):
         return self
 
     def forward(self, images: Tensor) -> list[Tensor]:
-        """Feature maps of the chosen stages, float32.
+        """Feature maps of the chosen stages, float32, contiguous (N, C, h, w).
 
         oneDNN and cuDNN pick kernels by batch size, and their results differ in the last bits; so
         with `canonical_batch` set, images go through in chunks of exactly that size (the last one
         padded) and an image's features never depend on how a loader or a DDP shard batched it.
         """
-        x = (images - self.mean) / self.std
+        x = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         chunk = self.canonical_batch or len(x)
         outputs = []
         for start in range(0, len(x), chunk):
@@ -171,4 +172,4 @@ class FeatureExtractor(nn.Module):
             with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.is_cuda):
                 outputs.append(self.model(part))
         n = len(x)
-        return [torch.cat([o[i] for o in outputs])[:n].float() for i in range(len(self.channels))]
+        return [torch.cat([o[i] for o in outputs])[:n].float().contiguous() for i in range(len(self.channels))]
