@@ -9,9 +9,17 @@
     python benchmarks/fit_test_speed.py --train 209 --test 83 --source-size 1024 \\
         --backbone wide_resnet50_2 --random-init --accelerator gpu --models PatchCore
 
-Every measurement runs in a fresh process (so peak RSS is its own) and excludes interpreter start
-and imports. anomalib pins an older jsonargparse, so `--peer anomalib` runs
-`anomalib_peer.py` with the Python of anomalib's own virtual environment.
+Every measurement runs in a fresh process (so peak RSS is its own); `wall_s` excludes interpreter
+start and imports. With `--peer anomalib`, both sides are also timed as whole processes, from launch
+to exit: ours as the `lit-anomaly fit+test` command a user types (run folder, report.html,
+TensorBoard included), anomalib's as its script. anomalib pins an older jsonargparse, so the peer
+runs `anomalib_peer.py` with the Python of anomalib's own virtual environment.
+
+`--data-root DIR --category NAME` runs on an MVTec-layout dataset on disk instead of a generated one,
+for example a real high-resolution set:
+
+    python benchmarks/fit_test_speed.py --data-root /data/mvtec_ad_2 --category sheet_metal --models PatchCore \\
+        --peer anomalib --peer-python /venvs/anomalib/bin/python
 """
 
 from __future__ import annotations
@@ -27,20 +35,21 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-CATEGORY = "bottle"
 TRAINED = ("STFPM", "ReverseDistillation")  # an MVTec AD name: the datamodule knows the fixed category list
 
 
 def dataset_root(args: argparse.Namespace, scale: int) -> Path:
     from lit_anomaly.data import write_synthetic
 
+    if args.data_root:
+        return Path(args.data_root)
     n_train = args.train * scale
     good = args.test // 2 if args.test_good is None else args.test_good
     size = args.source_size if args.source_width is None else (args.source_size, args.source_width)
     name = f"mvtec_{n_train}x{good}+{args.test - good}_{args.source_size}x{args.source_width or args.source_size}px"
     root = Path(args.cache) / name
     if not (root / ".complete").exists():
-        write_synthetic(root, "MVTecAD", [CATEGORY], n_train, good, args.test - good, image_size=size)
+        write_synthetic(root, "MVTecAD", [args.category], n_train, good, args.test - good, image_size=size)
         (root / ".complete").touch()
     return root
 
@@ -87,7 +96,7 @@ def measure(args: argparse.Namespace) -> dict:
     result = run_benchmark_category(
         {"class_path": args.model, "init_args": model_args},
         {"class_path": "MVTecAD", "init_args": data_args},
-        CATEGORY,
+        args.category,
         trainer=trainer,
     )
     wall = time.perf_counter() - started
@@ -132,10 +141,33 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def run_child(command: list[str]) -> dict:
+    """Run one measurement in a fresh process; its JSON line, with `process_s` from launch to exit."""
+    started = time.perf_counter()
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
         raise SystemExit(f"benchmark child failed:\n{completed.stderr[-4000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    process_s = round(time.perf_counter() - started, 3)
+    return json.loads(completed.stdout.strip().splitlines()[-1]) | {"process_s": process_s}
+
+
+def cli_process_seconds(args: argparse.Namespace, root: Path) -> float:
+    """`lit-anomaly fit+test` with the benchmark's PatchCore settings and defaults otherwise, launch to exit."""
+    output = Path(tempfile.mkdtemp()) / "run"
+    command = [
+        sys.executable, "-m", "lit_anomaly", "fit+test", "--model", "PatchCore",
+        "--model.backbone", args.backbone, "--model.pretrained", str(not args.random_init).lower(),
+        "--model.coreset_ratio", str(args.coreset_ratio), "--model.projection_dim", str(args.projection_dim),
+        "--model.coreset_block_size", str(args.coreset_block_sizes[0] or "null"),
+        "--data", "MVTecAD", "--data.root", str(root), "--data.category", args.category,
+        "--data.image_size", str(args.image_size), "--data.num_workers", str(args.workers),
+        "--data.train_batch_size", "32", "--data.eval_batch_size", "32",
+        "--trainer.accelerator", args.accelerator, "--run.output_dir", str(output),
+    ]  # fmt: skip
+    started = time.perf_counter()
+    completed = subprocess.run(command, capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise SystemExit(f"lit-anomaly fit+test failed:\n{completed.stderr[-4000:]}")
+    return round(time.perf_counter() - started, 3)
 
 
 def main() -> None:
@@ -147,6 +179,8 @@ def main() -> None:
     parser.add_argument("--source-width", type=int, default=None, help="width of the generated PNGs, if not square")
     parser.add_argument("--test-good", type=int, default=None, help="good images among --test (default half)")
     parser.add_argument("--cache-dir", default=None, help="--data.cache_dir: a second run decodes nothing")
+    parser.add_argument("--data-root", default=None, help="an MVTec-layout dataset to use instead of a generated one")
+    parser.add_argument("--category", default="bottle", help="the category to run (of --data-root, or generated)")
     parser.add_argument(
         "--preset", choices=["highres"], default=None,
         help="highres: 60 train, 27 good + 100 defective test PNGs of 2448 x 2048 px, like real line-scan images",
@@ -213,7 +247,7 @@ def main() -> None:
         layers = [info[2]["module"], info[3]["module"]]  # the stages PatchCore uses here: out_indices 2 and 3
         root = dataset_root(args, args.scales[0])
         peer_args = [
-            "--root", str(root), "--category", CATEGORY, "--backbone", timm_name, "--layers", *layers,
+            "--root", str(root), "--category", args.category, "--backbone", timm_name, "--layers", *layers,
             "--image-size", str(args.image_size), "--coreset-ratio", str(args.coreset_ratio),
             "--accelerator", args.accelerator, "--workers", str(args.workers),
         ]  # fmt: skip
@@ -226,9 +260,12 @@ def main() -> None:
         peer = run_child([args.peer_python, str(HERE / "anomalib_peer.py"), *peer_args])
         print(json.dumps(peer))
         ours = next(line for line in lines if line["model"] == "PatchCore" and line["scale"] == args.scales[0])
+        ours_process = cli_process_seconds(args, root)
         print(json.dumps({
             "speedup_vs_anomalib": round(peer["wall_s"] / ours["wall_s"], 2),
             "ours_wall_s": ours["wall_s"], "anomalib_wall_s": peer["wall_s"],
+            "whole_process_speedup_vs_anomalib": round(peer["process_s"] / ours_process, 2),
+            "ours_cli_process_s": ours_process, "anomalib_process_s": peer["process_s"],
             "ours_image_auroc": ours["image_auroc"], "anomalib_image_auroc": peer["image_auroc"],
         }))  # fmt: skip
 
