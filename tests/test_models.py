@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -76,6 +77,18 @@ def test_offline_efficientnet_lite0_weights_load_completely():
     assert extractor.channels == [40, 112] and extractor.strides == [8, 16]
     features = extractor(torch.rand(1, 3, 64, 64))
     assert [f.shape[1] for f in features] == [40, 112]
+
+
+def test_channels_last_features_equal_the_plain_backbones_whatever_the_batch():
+    torch.manual_seed(0)
+    extractor = FeatureExtractor("resnet18", layers=(2, 3), pretrained=False)
+    plain = copy.deepcopy(extractor.model).to(memory_format=torch.contiguous_format)
+    images = torch.rand(5, 3, 64, 64)
+    features = extractor(images)
+    expected = plain((images - extractor.mean) / extractor.std)
+    for got, want in zip(features, expected, strict=True):
+        assert got.is_contiguous() and torch.allclose(got, want, atol=1e-4)
+    assert all(torch.equal(a, b[:2]) for a, b in zip(extractor(images[:2]), features, strict=True))
 
 
 def test_weights_path_for_air_gapped_sites(tmp_path):
