@@ -88,7 +88,7 @@ def check_pixels(image: Image.Image, path: Path, max_pixels: int) -> None:
 
 # 8-bit-or-less PNGs decode through libspng (pyspng), twice as fast as libpng on large images, with the pixels
 # Pillow decodes (PNG is lossless; a test checks every mode). 16-bit PNGs keep Pillow's exact scaling.
-_SPNG_RGB_MODES = ("1", "L", "P", "LA", "PA", "RGB", "RGBA")
+_SPNG_RGB_MODES = ("1", "L", "P", "LA", "RGB", "RGBA")  # what Pillow opens PNGs of 8 bits or fewer as
 _SPNG_RAW_MODES = ("L", "LA", "RGB", "RGBA")  # masks: sample values as stored, as np.asarray(Pillow image) gives
 
 
