@@ -298,15 +298,21 @@ def test_decode_cache_serves_a_second_run_and_misses_changed_files(family_roots,
         batches(make("MVTecAD", root, cache_dir=tmp_path / "cache", image_size=24), "test")
 
 
-def write_png16(path, array):
-    """A 16-bit RGB PNG (Pillow cannot write one)."""
+ADAM7 = ((0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2), (1, 0, 2, 1))
+
+
+def write_png(path, array, interlaced=False):
+    """An RGB PNG of uint8 or uint16 `array`, Adam7-interlaced if asked (Pillow writes neither 16-bit RGB nor
+    interlaced PNGs)."""
     height, width, _ = array.shape
 
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in array)
-    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    passes = [array[y::dy, x::dx] for y, x, dy, dx in ADAM7] if interlaced else [array]
+    raw = b"".join(b"\x00" + row.astype(array.dtype.newbyteorder(">")).tobytes() for p in passes for row in p)
+    depth = array.dtype.itemsize * 8
+    header = struct.pack(">IIBBBBB", width, height, depth, 2, 0, 0, int(interlaced))
     path.write_bytes(
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
     )
@@ -326,8 +332,9 @@ def test_png_fast_path_decodes_the_pixels_pillow_decodes(tmp_path):
     for name, (image, options) in variants.items():
         image.save(path := tmp_path / f"{name}.png", **options)
         paths.append(path)
-    write_png16(deep := tmp_path / "rgb16.png", (rng.random((20, 30, 3)) * 65535).astype(np.uint16))
-    for path in [*paths, deep]:
+    write_png(deep := tmp_path / "rgb16.png", (rng.random((20, 30, 3)) * 65535).astype(np.uint16))
+    write_png(interlaced := tmp_path / "interlaced.png", np.asarray(rgb), interlaced=True)
+    for path in [*paths, deep, interlaced]:
         with Image.open(path) as image:
             expected, values = to_rgb_array(image), np.asarray(image)
         assert np.array_equal(read_image(path, expected.shape[:2]), expected), path.name
