@@ -33,62 +33,44 @@ def image_blocks(n_images: int, rows_per_image: int, block_rows: int | None) -> 
 
 
 def greedy_coreset(features: Tensor, n_select: int, projection_dim: int | None = 128, seed: int = 0) -> Tensor:
-    """Indices of `n_select` rows chosen by greedy k-center selection (each step takes the farthest row).
-
-    On an accelerator the loop is dense and never synchronises with the host; on the CPU it picks
-    several centres per pass over the rows (`_greedy_batched`), with the same result.
-    """
+    """Indices of `n_select` rows chosen by greedy k-center selection (each step takes the farthest row),
+    several centres per pass over the rows (`_greedy_batched`)."""
     n = features.shape[0]
     n_select = min(max(1, n_select), n)
     x = random_projection(features, projection_dim, seed)
     start = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed)))
-    if x.device.type == "cpu":
-        return _greedy_batched(x, n_select, start)
-    return _greedy_dense(x, n_select, start)
-
-
-def _greedy_dense(x: Tensor, n_select: int, start: int) -> Tensor:
-    """Every step: one matrix-vector product, a minimum and an argmax, all on the device."""
-    squared_norms = (x * x).sum(1)
-    current = torch.tensor([start], device=x.device)
-    min_distances = torch.full((len(x),), float("inf"), device=x.device)
-    distances = torch.empty(len(x), device=x.device)
-    selected = torch.empty(n_select, dtype=torch.long, device=x.device)
-    for i in range(n_select):
-        selected[i : i + 1] = current
-        centre = x.index_select(0, current).squeeze(0)
-        torch.addmv(squared_norms, x, centre, alpha=-2.0, out=distances)  # |x|^2 - 2 x.c
-        distances.add_(squared_norms.index_select(0, current))  # + |c|^2
-        torch.minimum(min_distances, distances, out=min_distances)
-        current = min_distances.argmax().view(1)
-    return selected
+    return _greedy_batched(x, n_select, start)
 
 
 def _greedy_batched(x: Tensor, n_select: int, start: int, batch: int = 256) -> Tensor:
-    """The same selection, several centres per pass over the rows.
+    """The one-centre-per-step selection, several centres per pass over the rows.
 
     Distances only shrink, so the (batch + 1)-th largest distance bounds every row outside the `batch`
     farthest. Among those candidates, greedy's next pick is the farthest one after the picks so far
-    (their mutual distances are a small table) as long as it is still at or above the bound; the picks
-    stop when it is not, and one matrix product updates all rows with them. Same picks as the dense
-    loop (up to rounding ties), with matrix products instead of a matrix-vector product per centre.
+    (their mutual distances are a small table, read on the host) as long as it is still at or above the
+    bound; the picks stop when it is not, and one matrix product updates all rows with them. Same picks
+    as one centre per step (up to rounding ties), with matrix products instead of a matrix-vector product
+    per centre: on the CPU that is the arithmetic, on a GPU the kernel launches of one step per centre.
     """
     n = len(x)
     squared_norms = (x * x).sum(1)
 
-    def squared_distances(rows: Tensor, centres: Tensor) -> Tensor:
-        products = torch.addmm(squared_norms[rows, None], x[rows], x[centres].T, alpha=-2.0)
+    def squared_distances(rows: Tensor | None, centres: Tensor) -> Tensor:
+        """Squared distances of `rows` (None: all, without gathering a copy of x) to `centres`."""
+        points, norms = (x, squared_norms) if rows is None else (x[rows], squared_norms[rows])
+        products = torch.addmm(norms[:, None], points, x[centres].T, alpha=-2.0)
         return products.add_(squared_norms[centres][None]).clamp_min_(0)
 
-    everything = torch.arange(n)
-    min_distances = squared_distances(everything, torch.tensor([start]))[:, 0]
-    selected = [torch.tensor([start])]
+    first = torch.tensor([start], device=x.device)
+    min_distances = squared_distances(None, first)[:, 0]
+    selected = [first]
     chosen = 1
     while chosen < n_select:
         values, candidates = min_distances.topk(min(batch + 1, n))
+        values = values.cpu().numpy()
         bound = float(values[batch]) if len(values) > batch else -1.0
-        candidates, values = candidates[:batch], values[:batch].numpy().copy()
-        pairwise = squared_distances(candidates, candidates).numpy()
+        candidates, values = candidates[:batch], values[:batch].copy()
+        pairwise = squared_distances(candidates, candidates).cpu().numpy()
         picks = []
         while chosen + len(picks) < n_select:
             best = int(values.argmax())
@@ -100,7 +82,7 @@ def _greedy_batched(x: Tensor, n_select: int, start: int, batch: int = 256) -> T
         picked = candidates[picks]
         selected.append(picked)
         chosen += len(picks)
-        torch.minimum(min_distances, squared_distances(everything, picked).amin(1), out=min_distances)
+        torch.minimum(min_distances, squared_distances(None, picked).amin(1), out=min_distances)
     return torch.cat(selected)
 
 
