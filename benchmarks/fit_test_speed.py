@@ -141,14 +141,19 @@ def measure(args: argparse.Namespace) -> dict:
     } | ({"coreset_block_size": model_args["coreset_block_size"]} if args.model == "PatchCore" else {})
 
 
-def run_child(command: list[str]) -> dict:
-    """Run one measurement in a fresh process; its JSON line, with `process_s` from launch to exit."""
+def timed_process(command: list[str]) -> tuple[str, float]:
+    """Run `command` in a fresh process; its stdout and the seconds from launch to exit."""
     started = time.perf_counter()
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
-        raise SystemExit(f"benchmark child failed:\n{completed.stderr[-4000:]}")
-    process_s = round(time.perf_counter() - started, 3)
-    return json.loads(completed.stdout.strip().splitlines()[-1]) | {"process_s": process_s}
+        raise SystemExit(f"{' '.join(command[:4])} failed:\n{completed.stderr[-4000:]}")
+    return completed.stdout, round(time.perf_counter() - started, 3)
+
+
+def run_child(command: list[str]) -> dict:
+    """One measurement in a fresh process: its JSON line, with `process_s` from launch to exit."""
+    stdout, process_s = timed_process(command)
+    return json.loads(stdout.strip().splitlines()[-1]) | {"process_s": process_s}
 
 
 def cli_process_seconds(args: argparse.Namespace, root: Path) -> float:
@@ -164,11 +169,7 @@ def cli_process_seconds(args: argparse.Namespace, root: Path) -> float:
         "--data.train_batch_size", "32", "--data.eval_batch_size", "32",
         "--trainer.accelerator", args.accelerator, "--run.output_dir", str(output),
     ]  # fmt: skip
-    started = time.perf_counter()
-    completed = subprocess.run(command, capture_output=True, text=True)
-    if completed.returncode != 0:
-        raise SystemExit(f"lit-anomaly fit+test failed:\n{completed.stderr[-4000:]}")
-    return round(time.perf_counter() - started, 3)
+    return timed_process(command)[1]
 
 
 def main() -> None:
