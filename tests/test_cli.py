@@ -214,3 +214,17 @@ def test_offline_download_failure_is_one_actionable_line(cli_root, capsys, monke
 def test_missing_accelerator_is_one_line(cli_root, capsys):
     code, _, error = run_cli(capsys, args_for(cli_root, "--data.category", "tile", "--trainer.accelerator", "gpu"))
     assert code == 2 and "lit-anomaly: error: No supported gpu backend found" in error and "Traceback" not in error
+
+
+def test_command_freezes_the_import_time_objects_and_returns_the_exit_status(monkeypatch):
+    import gc
+
+    import lit_anomaly.cli
+    from lit_anomaly.__main__ import run
+
+    monkeypatch.setattr(lit_anomaly.cli, "main", lambda: 3)
+    try:
+        assert run() == 3
+        assert gc.isenabled() and gc.get_freeze_count() > 10_000  # torch and Lightning: what exit no longer traces
+    finally:
+        gc.unfreeze()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +113,24 @@ def _resize(array: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
     antialias = mode == "bilinear"
     resized = torch.nn.functional.interpolate(planes, size=tuple(size), mode=mode, antialias=antialias)[0]
     return resized.permute(1, 2, 0).reshape(*size, *array.shape[2:]).numpy()
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory(worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: decoded images and their buffers (15 MB each for 5 Mpx) stay in the worker's
+    heap once freed. glibc hands such blocks back to the kernel after every image and faults their pages in
+    again for the next one: a sixth of the time to decode a 5-Mpx PNG, and 30 times the page faults.
+    Only for loader workers: they decode and nothing else."""
+    if not sys.platform.startswith("linux") or os.environ.get("NOTUNE"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")  # absent on musl, which has no such thresholds
+    except OSError:
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, 256 << 20)  # setting either also stops glibc's own adjustment of both
+    libc.mallopt(_M_TRIM_THRESHOLD, 512 << 20)
 
 
 def read_image(path: Path, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
@@ -455,6 +475,7 @@ class AnomalyDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=collate,
             persistent_workers=False,
+            worker_init_fn=keep_freed_memory,
             pin_memory=torch.cuda.is_available(),
         )
 
