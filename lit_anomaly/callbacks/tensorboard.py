@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor
 
-from ..data.base import AnomalyDataset
+from ..data.base import AnomalyDataset, read_items
 
 
 def heatmap(values: Tensor) -> Tensor:
@@ -71,13 +71,15 @@ class TensorBoardArtifacts(pl.Callback):
                 writer.add_histogram(f"test/scores_{name}", scores[labels == label], 0)
         maps, masks = result.maps, result.masks
         low, high = float(maps.min()), float(maps.max())
-        dataset = AnomalyDataset(trainer.datamodule.samples("test"), (self.image_size, self.image_size))
+        shown = {}
         for tag, label, descending in (("highest_scoring_normals", 0, True), ("lowest_scoring_anomalies", 1, False)):
             positions = torch.nonzero(labels == label).flatten()
-            if len(positions) == 0:
-                continue
-            order = scores[positions].argsort(descending=descending)[: self.num_images]
-            chosen = positions[order]
-            images = torch.stack([dataset[int(result.index[p])]["image"] for p in chosen]).float() / 255
-            writer.add_images(f"test/{tag}", overlay(images, maps[chosen], masks[chosen], low, high), 0)
+            if len(positions):
+                shown[tag] = positions[scores[positions].argsort(descending=descending)[: self.num_images]]
+        chosen = torch.cat(list(shown.values())) if shown else torch.zeros(0, dtype=torch.long)
+        dataset = AnomalyDataset(trainer.datamodule.samples("test"), (self.image_size, self.image_size))
+        items = iter(read_items(dataset, result.index[chosen].tolist(), trainer.datamodule.num_workers))
+        for tag, positions in shown.items():
+            images = torch.stack([next(items)["image"] for _ in positions]).float() / 255
+            writer.add_images(f"test/{tag}", overlay(images, maps[positions], masks[positions], low, high), 0)
         writer.flush()

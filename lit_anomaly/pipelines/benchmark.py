@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..callbacks import TensorBoardArtifacts
 from ..data import DATAMODULES, AnomalyDataModule, DatasetError, Folder
+from ..data.base import read_items
 from ..metrics import au_spro, image_metrics
 from ..models import MODELS, AnomalyModule
 from ..models.base import TestResult, frozen_ddp
@@ -338,8 +339,8 @@ def _hard_cases(
     low = float((normal_maps if len(normal_maps) else result.maps)[:, ::4, ::4].median())
     value_range = (low, float(result.maps.max()))
     dataset, files, shown = datamodule.dataloader("test").dataset, {}, []
-    for case in cases:
-        item = dataset[case["index"]]
+    items = read_items(dataset, [case["index"] for case in cases], datamodule.num_workers)
+    for case, item in zip(cases, items, strict=True):
         if "image" not in item:
             continue
         anomaly_map = result.maps[position[case["index"]]].float().numpy()
