@@ -4,6 +4,7 @@ import torch
 from scipy import ndimage
 
 from lit_anomaly.metrics import au_spro, aupro, image_metrics, pixel_auroc, pixel_auroc_and_aupro, resolve_quantile
+from lit_anomaly.metrics.aupro import pixel_auroc_aupro_and_pro_curve
 
 
 def pairwise_auroc(scores, labels):
@@ -147,3 +148,16 @@ def test_pixel_auroc_and_aupro_from_one_sort_match_the_references(seed):
     assert auroc == pytest.approx(pixel_auroc(maps, masks), abs=1e-6)  # torchmetrics, float32
     assert pro == pytest.approx(per_threshold_aupro(maps, masks, 0.3), abs=1e-9)
     assert pro == aupro(maps, masks, 0.3)
+
+
+def test_float32_maps_give_the_curves_of_float64_maps_with_negative_scores_and_signed_zeros():
+    generator = torch.Generator().manual_seed(3)
+    masks = torch.zeros(5, 16, 16, dtype=torch.bool)
+    masks[1, 3:9, 4:10] = masks[3, 0:3, :] = True
+    maps = (torch.randn(5, 16, 16, generator=generator) * 4).round() / 4 + masks  # ties around zero
+    maps[0, :2], maps[0, 2:4] = 0.0, -0.0  # equal scores: one run, however their bits differ
+    single = pixel_auroc_aupro_and_pro_curve(maps.float(), masks)
+    double = pixel_auroc_aupro_and_pro_curve(maps.double(), masks)
+    assert single[0] == pytest.approx(pairwise_auroc(maps.flatten().double(), masks.flatten().long()), abs=1e-12)
+    assert single[:2] == pytest.approx(double[:2], abs=1e-12)
+    assert single[2] == double[2]

@@ -32,11 +32,22 @@ def label_regions(masks: Tensor) -> tuple[np.ndarray, int]:
 def _descending(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Descending order of `scores` and the mask of the last position of every run of tied scores.
 
-    Ties are read only at run ends, so the sort need not be stable: numpy's default (introsort) is
-    several times faster than a stable sort on millions of floats, and gives the same curves."""
-    order = np.argsort(-scores)
-    sorted_scores = scores[order]
-    return order, np.append(sorted_scores[1:] != sorted_scores[:-1], True)
+    Ties are read only at run ends, so the order among tied scores is free. float32 scores sort as one
+    uint64 per pixel, the score's bits (turned so that integer order is float order) above the pixel's
+    position: numpy sorts integers with SIMD, several times faster than it argsorts floats."""
+    if scores.dtype != np.float32 or len(scores) > 2**32:
+        order = np.argsort(-scores)
+        sorted_scores = scores[order]
+        return order, np.append(sorted_scores[1:] != sorted_scores[:-1], True)
+    bits = (scores + np.float32(0.0)).view(np.uint32)  # -0.0 becomes 0.0: equal scores, equal bits
+    keys = np.where(bits >> 31, ~bits, bits | np.uint32(1 << 31)).astype(np.uint64)
+    keys <<= np.uint64(32)
+    keys |= np.arange(len(scores), dtype=np.uint64)
+    keys.sort()
+    keys = keys[::-1]
+    order = (keys & np.uint64(2**32 - 1)).view(np.int64)
+    keys >>= np.uint64(32)
+    return order, np.append(keys[1:] != keys[:-1], True)
 
 
 def _area_under_curve(fpr: np.ndarray, pro: np.ndarray, limit: float) -> float:
