@@ -1,4 +1,3 @@
-import copy
 import math
 
 import pytest
@@ -16,7 +15,7 @@ from lit_anomaly.models.components import (
     nearest_distances,
     nearest_neighbors,
 )
-from lit_anomaly.models.components.backbones import efficientnet_lite0_state_dict
+from lit_anomaly.models.components.backbones import create_timm_model, efficientnet_lite0_state_dict
 from lit_anomaly.models.components.coreset import _greedy_batched
 
 DETECTORS = {"PatchCore": PatchCore, "PaDiM": PaDiM}
@@ -79,16 +78,37 @@ def test_offline_efficientnet_lite0_weights_load_completely():
     assert [f.shape[1] for f in features] == [40, 112]
 
 
-def test_channels_last_features_equal_the_plain_backbones_whatever_the_batch():
+@pytest.mark.parametrize("backbone", ["resnet18", "efficientnet_lite0"])
+def test_features_equal_the_plain_full_backbones_whatever_the_batch(backbone):
     torch.manual_seed(0)
-    extractor = FeatureExtractor("resnet18", layers=(2, 3), pretrained=False)
-    plain = copy.deepcopy(extractor.model).to(memory_format=torch.contiguous_format)
+    extractor = FeatureExtractor(backbone, layers=(2, 3), pretrained=False)
+    plain = create_timm_model(extractor.timm_name, features_only=True, out_indices=(2, 3)).eval()
+    unused = set(plain.state_dict()) - set(extractor.model.state_dict())
+    assert (backbone == "efficientnet_lite0") == bool(unused)  # lite0's blocks past stage 3 are dropped
+    plain.load_state_dict(extractor.model.state_dict(), strict=False)
     images = torch.rand(5, 3, 64, 64)
     features = extractor(images)
-    expected = plain((images - extractor.mean) / extractor.std)
+    with torch.no_grad():
+        expected = plain((images - extractor.mean) / extractor.std)
     for got, want in zip(features, expected, strict=True):
         assert got.is_contiguous() and torch.allclose(got, want, atol=1e-4)
     assert all(torch.equal(a, b[:2]) for a, b in zip(extractor(images[:2]), features, strict=True))
+
+
+def test_checkpoints_with_the_backbone_blocks_0_2_kept_still_load(mvtec_root, tmp_path):
+    model = PatchCore(backbone="efficientnet_lite0")
+    _, lightning = fit_test(model, MVTecAD(mvtec_root, "tile", image_size=64, num_workers=0))
+    lightning.save_checkpoint(tmp_path / "new.ckpt")
+    checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=False)
+    full = create_timm_model("tf_efficientnet_lite0", features_only=True, out_indices=(2, 3)).state_dict()
+    unused = {f"model.extractor.model.{k}": v for k, v in full.items() if k.startswith(("blocks.5.", "blocks.6."))}
+    assert unused and not set(unused) & set(checkpoint["state_dict"])
+    checkpoint["state_dict"].update(unused)
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    restored = PatchCore.load_from_checkpoint(tmp_path / "old.ckpt", pretrained=False).eval()
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(images)["score"], restored(images)["score"])
 
 
 def test_weights_path_for_air_gapped_sites(tmp_path):
