@@ -356,8 +356,9 @@ def test_resizing_matches_pillow_full_resampling(tmp_path):
 
 
 class _FreshBuffers(torch.utils.data.Dataset):
-    """Each item fills two fresh 15 MB buffers, as decoding a 5-Mpx PNG does (inflated rows, then pixels), and
-    returns the page faults it took."""
+    """Each item fills two fresh 40 MB buffers, as decoding a 13-Mpx PNG does (inflated rows, then pixels), and
+    returns the page faults it took. Above 32 MB, glibc's own threshold never keeps such blocks, whatever the
+    forked parent allocated before."""
 
     def __len__(self) -> int:
         return 6
@@ -366,7 +367,7 @@ class _FreshBuffers(torch.utils.data.Dataset):
         import resource
 
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        rows = np.ones(15 << 20, dtype=np.uint8)
+        rows = np.ones(40 << 20, dtype=np.uint8)
         pixels = rows + 1
         del rows, pixels
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
