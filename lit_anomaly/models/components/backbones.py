@@ -132,7 +132,7 @@ class FeatureExtractor(nn.Module):
 
     def _drop_blocks_past_the_last_stage(self) -> None:
         """timm's EfficientNet and MobileNet feature models run all their blocks, even those past the last stage
-        they return (a tenth of efficientnet_lite0's time for layers 2 and 3); ResNets' stop there already."""
+        they return (over a quarter of efficientnet_lite0's time for layers 2 and 3); ResNets' stop there already."""
         blocks = getattr(self.model, "blocks", None)
         used = [info["module"].split(".") for info in self.model.feature_info.get_dicts()]
         if isinstance(blocks, nn.Sequential) and all(parts[0] == "blocks" for parts in used):
