@@ -67,7 +67,10 @@ def measure(args: argparse.Namespace) -> dict:
     from pytorch_lightning import Callback
     from pytorch_lightning.profilers import SimpleProfiler
 
+    from lit_anomaly.data.base import keep_freed_memory
     from lit_anomaly.pipelines import run_benchmark_category
+
+    keep_freed_memory()  # as the `lit-anomaly` command does for its process
 
     class FirstBatchCallback(Callback):
         at: float | None = None  # on the class: the pipeline deep-copies callbacks

@@ -216,15 +216,19 @@ def test_missing_accelerator_is_one_line(cli_root, capsys):
     assert code == 2 and "lit-anomaly: error: No supported gpu backend found" in error and "Traceback" not in error
 
 
-def test_command_freezes_the_import_time_objects_and_returns_the_exit_status(monkeypatch):
+def test_command_freezes_the_import_time_objects_keeps_freed_memory_and_returns_the_exit_status(monkeypatch):
     import gc
 
     import lit_anomaly.cli
+    import lit_anomaly.data.base
     from lit_anomaly.__main__ import run
 
-    monkeypatch.setattr(lit_anomaly.cli, "main", lambda: 3)
+    calls = []  # the policy itself is tested on a loader worker (test_data); not applied to the test process
+    monkeypatch.setattr(lit_anomaly.data.base, "keep_freed_memory", lambda: calls.append("policy"))
+    monkeypatch.setattr(lit_anomaly.cli, "main", lambda: calls.append("main") or 3)
     try:
         assert run() == 3
+        assert calls == ["policy", "main"]
         assert gc.isenabled() and gc.get_freeze_count() > 10_000  # torch and Lightning: what exit no longer traces
     finally:
         gc.unfreeze()
