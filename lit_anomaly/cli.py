@@ -206,7 +206,11 @@ def _cli(args: Sequence[str] | None) -> LitAnomalyCLI:
         save_config_callback=None,
         seed_everything_default=0,
         auto_configure_optimizers=False,
-        parser_kwargs={"exit_on_error": False, "description": "lit-anomaly: unsupervised visual anomaly detection"},
+        parser_kwargs={
+            "prog": "lit-anomaly",
+            "exit_on_error": False,
+            "description": "lit-anomaly: unsupervised visual anomaly detection",
+        },
         args=args,
     )
 

@@ -1,5 +1,6 @@
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import lit_anomaly
 from lit_anomaly.cli import main
 from lit_anomaly.data import write_synthetic
 from lit_anomaly.models import PatchCore
@@ -232,3 +234,11 @@ def test_command_freezes_the_import_time_objects_keeps_freed_memory_and_returns_
         assert gc.isenabled() and gc.get_freeze_count() > 10_000  # torch and Lightning: what exit no longer traces
     finally:
         gc.unfreeze()
+
+
+def test_help_names_the_command_however_it_was_launched(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [str(Path(lit_anomaly.__file__).with_name("__main__.py")), "fit+test", "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        main()  # `python -m lit_anomaly` puts __main__.py in argv[0], which argparse would print
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: lit-anomaly [options] fit+test")
