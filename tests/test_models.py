@@ -68,6 +68,16 @@ def test_checkpoint_round_trip_restores_threshold_and_model(name, mvtec_root, tm
     assert restored.test_result.metrics["image_auroc"] is not None
 
 
+def test_test_result_keeps_the_images_the_detector_saw_for_the_overlays(mvtec_root):
+    dm = MVTecAD(mvtec_root, "tile", image_size=64, num_workers=0)
+    model = PatchCore(backbone="efficientnet_lite0", pretrained=False)
+    fit_test(model, dm)
+    result, dataset = model.test_result, dm.dataloader("test").dataset
+    assert result.images.dtype == torch.uint8 and len(result.images) == len(dataset)
+    for position, index in enumerate(result.index.tolist()):
+        assert torch.equal(result.images[position], dataset[index]["image"])  # the loader's bytes, not re-decoded
+
+
 def test_offline_efficientnet_lite0_weights_load_completely():
     extractor = FeatureExtractor("efficientnet_lite0", layers=(2, 3), pretrained=True)
     shipped = efficientnet_lite0_state_dict()

@@ -8,8 +8,6 @@ import torch.nn.functional as F
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor
 
-from ..data.base import AnomalyDataset, read_items
-
 
 def heatmap(values: Tensor) -> Tensor:
     """(N, H, W) in [0, 1] to (N, 3, H, W) RGB on a black-red-yellow-white ramp."""
@@ -76,10 +74,8 @@ class TensorBoardArtifacts(pl.Callback):
             positions = torch.nonzero(labels == label).flatten()
             if len(positions):
                 shown[tag] = positions[scores[positions].argsort(descending=descending)[: self.num_images]]
-        chosen = torch.cat(list(shown.values())) if shown else torch.zeros(0, dtype=torch.long)
-        dataset = AnomalyDataset(trainer.datamodule.samples("test"), (self.image_size, self.image_size))
-        items = iter(read_items(dataset, result.index[chosen].tolist(), trainer.datamodule.num_workers))
+        size = (self.image_size, self.image_size)
         for tag, positions in shown.items():
-            images = torch.stack([next(items)["image"] for _ in positions]).float() / 255
+            images = F.interpolate(result.images[positions].float() / 255, size, mode="bilinear", antialias=True)
             writer.add_images(f"test/{tag}", overlay(images, maps[positions], masks[positions], low, high), 0)
         writer.flush()

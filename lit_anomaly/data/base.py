@@ -15,7 +15,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from .cache import DecodeCache
 
@@ -205,14 +205,6 @@ class AnomalyDataset(Dataset):
             "path": str(sample.path),
             "defect_type": sample.defect_type,
         }
-
-
-def read_items(dataset: Dataset, indices: Sequence[int], num_workers: int) -> list[dict[str, Any]]:
-    """`dataset[i]` for each of `indices`, in order, decoded by up to `num_workers` loader processes: the few
-    images a report shows again are each a full decode."""
-    workers = min(num_workers, len(indices))
-    subset = Subset(dataset, list(indices))
-    return list(DataLoader(subset, batch_size=None, num_workers=workers, worker_init_fn=keep_freed_memory))
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:

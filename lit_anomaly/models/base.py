@@ -85,6 +85,7 @@ class TestResult:
     pred: Tensor | None  # score >= threshold, None without a threshold
     maps: Tensor  # (N, H, W) at the evaluation resolution
     masks: Tensor  # (N, H, W) bool
+    images: Tensor  # (N, 3, h, w) uint8, as the detector saw them: overlays need not decode them again
     metrics: dict[str, float | None]
     notes: dict[str, str]
     curves: dict[str, Any] = field(default_factory=dict)  # the PRO curve for plots, where masks exist
@@ -340,11 +341,12 @@ class AnomalyModule(pl.LightningModule):
             {
                 "index": batch["index"], "score": output["score"].double(), "label": batch["label"],
                 "has_mask": batch["has_mask"], "map": maps, "mask": masks.bool(),
+                "image": batch["image"].mul(255).round_().to(torch.uint8),  # the loader's bytes, exactly
             }
         )  # fmt: skip
 
     def on_test_epoch_end(self) -> None:
-        keys = ("score", "label", "has_mask", "map", "mask")
+        keys = ("score", "label", "has_mask", "map", "mask", "image")
         index, *values = gather_by_index(
             self,
             torch.cat([s["index"] for s in self._test]),
@@ -359,7 +361,8 @@ class AnomalyModule(pl.LightningModule):
         self.test_result = TestResult(
             index=results["index"], score=results["score"], label=results["label"],
             pred=(results["score"] >= threshold).long() if threshold is not None else None,
-            maps=results["map"], masks=results["mask"], metrics=metrics, notes=notes, curves=curves,
+            maps=results["map"], masks=results["mask"], images=results["image"], metrics=metrics, notes=notes,
+            curves=curves,
         )  # fmt: skip
         logged = {f"test/{k}": v for k, v in metrics.items() if v is not None}
         if threshold is not None:

@@ -25,7 +25,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..callbacks import TensorBoardArtifacts
 from ..data import DATAMODULES, AnomalyDataModule, DatasetError, Folder
-from ..data.base import read_items
 from ..metrics import au_spro, image_metrics
 from ..models import MODELS, AnomalyModule
 from ..models.base import TestResult, frozen_ddp
@@ -287,7 +286,7 @@ def run_benchmark_category(
     records = _per_image_records(datamodule, result, calibration.threshold, category)
     test = datamodule.samples("test")
     try:
-        cases, artifacts = _hard_cases(datamodule, result, records, hard_cases if lightning.is_global_zero else 0)
+        cases, artifacts = _hard_cases(result, records, hard_cases if lightning.is_global_zero else 0)
     except Exception as error:  # pictures for the page must never cost the category its results
         print(
             f"lit-anomaly: warning: {category}: no hard-case overlays ({type(error).__name__}: {error})",
@@ -326,7 +325,7 @@ def run_benchmark_category(
 
 
 def _hard_cases(
-    datamodule: AnomalyDataModule, result: TestResult, records: list[dict[str, Any]], count: int
+    result: TestResult, records: list[dict[str, Any]], count: int
 ) -> tuple[list[dict[str, Any]], dict[str, bytes]]:
     """The hardest test images (`select_hard_cases`) and, for each, an overlay of its anomaly map and
     ground truth; every overlay of a category shares one colour scale, from the normal images' median pixel
@@ -338,14 +337,12 @@ def _hard_cases(
     normal_maps = result.maps[result.label == 0]
     low = float((normal_maps if len(normal_maps) else result.maps)[:, ::4, ::4].median())
     value_range = (low, float(result.maps.max()))
-    dataset, files, shown = datamodule.dataloader("test").dataset, {}, []
-    items = read_items(dataset, [case["index"] for case in cases], datamodule.num_workers)
-    for case, item in zip(cases, items, strict=True):
-        if "image" not in item:
-            continue
-        anomaly_map = result.maps[position[case["index"]]].float().numpy()
-        mask = result.masks[position[case["index"]]].numpy() if case["label"] == 1 else None
-        image = item["image"].permute(1, 2, 0).numpy()
+    files, shown = {}, []
+    for case in cases:
+        at = position[case["index"]]
+        anomaly_map = result.maps[at].float().numpy()
+        mask = result.masks[at].numpy() if case["label"] == 1 else None
+        image = result.images[at].permute(1, 2, 0).numpy()
         if image.shape[:2] != anomaly_map.shape:
             size = (anomaly_map.shape[1], anomaly_map.shape[0])
             image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
