@@ -242,3 +242,6 @@ def test_help_names_the_command_however_it_was_launched(capsys, monkeypatch):
         main()  # `python -m lit_anomaly` puts __main__.py in argv[0], which argparse would print
     assert exit_.value.code == 0
     assert capsys.readouterr().out.startswith("usage: lit-anomaly [options] fit+test")
+    with pytest.raises(SystemExit):  # a named subcommand builds only its own parser; the top level lists all
+        main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: lit-anomaly [-c CONFIG] {fit,validate,test,predict,fit+test}")
