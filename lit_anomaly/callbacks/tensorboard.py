@@ -69,13 +69,12 @@ class TensorBoardArtifacts(pl.Callback):
                 writer.add_histogram(f"test/scores_{name}", scores[labels == label], 0)
         maps, masks = result.maps, result.masks
         low, high = float(maps.min()), float(maps.max())
-        shown = {}
+        size = (self.image_size, self.image_size)
         for tag, label, descending in (("highest_scoring_normals", 0, True), ("lowest_scoring_anomalies", 1, False)):
             positions = torch.nonzero(labels == label).flatten()
-            if len(positions):
-                shown[tag] = positions[scores[positions].argsort(descending=descending)[: self.num_images]]
-        size = (self.image_size, self.image_size)
-        for tag, positions in shown.items():
-            images = F.interpolate(result.images[positions].float() / 255, size, mode="bilinear", antialias=True)
-            writer.add_images(f"test/{tag}", overlay(images, maps[positions], masks[positions], low, high), 0)
+            if len(positions) == 0:
+                continue
+            chosen = positions[scores[positions].argsort(descending=descending)[: self.num_images]]
+            images = F.interpolate(result.images[chosen].float() / 255, size, mode="bilinear", antialias=True)
+            writer.add_images(f"test/{tag}", overlay(images, maps[chosen], masks[chosen], low, high), 0)
         writer.flush()
