@@ -15,7 +15,12 @@ from lit_anomaly.models.components import (
     nearest_distances,
     nearest_neighbors,
 )
-from lit_anomaly.models.components.backbones import create_timm_model, efficientnet_lite0_state_dict
+from lit_anomaly.models.components.backbones import (
+    create_timm_model,
+    efficientnet_lite0_state_dict,
+    load_backbone_weights,
+)
+from lit_anomaly.models.components.batchnorm_folding import fold_batchnorm
 from lit_anomaly.models.components.coreset import _greedy_batched
 
 DETECTORS = {"PatchCore": PatchCore, "PaDiM": PaDiM}
@@ -78,31 +83,83 @@ def test_test_result_keeps_the_images_the_detector_saw_for_the_overlays(mvtec_ro
         assert torch.equal(result.images[position], dataset[index]["image"])  # the loader's bytes, not re-decoded
 
 
+def _plain_backbone(timm_name: str, state: dict | None = None) -> torch.nn.Module:
+    """The unfolded timm features model an extractor stands for, in eval mode."""
+    plain = create_timm_model(timm_name, features_only=True, out_indices=(2, 3))
+    if state is not None:
+        load_backbone_weights(plain, state, timm_name, "test")
+    return plain.eval()
+
+
+def _assert_features_close(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+    for g, w in zip(got, want, strict=True):  # folding rounds differently: 1e-5 of the features' range
+        assert g.is_contiguous() and torch.allclose(g, w, rtol=1e-4, atol=1e-5 * float(w.abs().max()))
+
+
 def test_offline_efficientnet_lite0_weights_load_completely():
     extractor = FeatureExtractor("efficientnet_lite0", layers=(2, 3), pretrained=True)
-    shipped = efficientnet_lite0_state_dict()
-    assert torch.equal(extractor.model.conv_stem.weight, shipped["_conv_stem.weight"])
-    assert torch.equal(extractor.model.blocks[2][0].conv_pw.weight, shipped["_blocks.3._expand_conv.weight"])
     assert extractor.channels == [40, 112] and extractor.strides == [8, 16]
-    features = extractor(torch.rand(1, 3, 64, 64))
-    assert [f.shape[1] for f in features] == [40, 112]
+    plain = _plain_backbone(extractor.timm_name, efficientnet_lite0_state_dict())
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _assert_features_close(extractor(images), plain((images - extractor.mean) / extractor.std))
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "efficientnet_lite0"])
-def test_features_equal_the_plain_full_backbones_whatever_the_batch(backbone):
+def test_features_equal_the_plain_full_backbones_whatever_the_batch(backbone, tmp_path):
     torch.manual_seed(0)
-    extractor = FeatureExtractor(backbone, layers=(2, 3), pretrained=False)
-    plain = create_timm_model(extractor.timm_name, features_only=True, out_indices=(2, 3)).eval()
-    unused = set(plain.state_dict()) - set(extractor.model.state_dict())
-    assert (backbone == "efficientnet_lite0") == bool(unused)  # lite0's blocks past stage 3 are dropped
-    plain.load_state_dict(extractor.model.state_dict(), strict=False)
+    plain = _plain_backbone(FeatureExtractor(backbone, pretrained=False).timm_name)
+    for norm in (m for m in plain.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # statistics worth folding
+        norm.running_mean.uniform_(-1, 1), norm.running_var.uniform_(0.5, 2), norm.weight.data.uniform_(0.5, 2)
+    torch.save(plain.state_dict(), tmp_path / "weights.pth")
+    extractor = FeatureExtractor(backbone, layers=(2, 3), weights_path=tmp_path / "weights.pth")
+    assert extractor.folded and not any(isinstance(m, torch.nn.BatchNorm2d) for m in extractor.modules())
     images = torch.rand(5, 3, 64, 64)
     features = extractor(images)
     with torch.no_grad():
-        expected = plain((images - extractor.mean) / extractor.std)
-    for got, want in zip(features, expected, strict=True):
-        assert got.is_contiguous() and torch.allclose(got, want, atol=1e-4)
+        _assert_features_close(features, plain((images - extractor.mean) / extractor.std))
     assert all(torch.equal(a, b[:2]) for a, b in zip(extractor(images[:2]), features, strict=True))
+
+
+def test_batchnorm_folds_only_where_the_convolution_feeds_nothing_else():
+    class Block(torch.nn.Module):
+        def __init__(self, residual: bool) -> None:
+            super().__init__()
+            self.residual = residual
+            self.conv, self.norm = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return self.norm(y) + y if self.residual else self.norm(y)
+
+    example = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    for residual in (False, True):
+        block = Block(residual).eval()
+        block.norm.running_mean.uniform_(-1, 1), block.norm.running_var.uniform_(0.5, 2)
+        with torch.no_grad():
+            before = block(example)
+            folded = fold_batchnorm(block, example)
+            assert torch.allclose(block(example), before, atol=1e-5)
+        assert [(f.conv, f.norm) for f in folded] == ([] if residual else [("conv", "norm")])
+        assert isinstance(block.norm, torch.nn.BatchNorm2d) == residual  # left as it was where folding is wrong
+
+
+def test_checkpoints_saved_before_batchnorm_folding_still_load(mvtec_root, tmp_path):
+    model = PatchCore(backbone="efficientnet_lite0")
+    _, lightning = fit_test(model, MVTecAD(mvtec_root, "tile", image_size=64, num_workers=0))
+    lightning.save_checkpoint(tmp_path / "new.ckpt")
+    checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=False)
+    state = checkpoint["state_dict"]
+    prefix = "model.extractor.model."
+    unfolded = _plain_backbone(model.model.extractor.timm_name, efficientnet_lite0_state_dict()).state_dict()
+    for key in [k for k in state if k.startswith(prefix)]:
+        del state[key]
+    state.update({prefix + k: v for k, v in unfolded.items() if not k.startswith(("blocks.5.", "blocks.6."))})
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    restored = PatchCore.load_from_checkpoint(tmp_path / "old.ckpt", pretrained=False).eval()
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(images)["score"], restored(images)["score"])
 
 
 def test_checkpoints_with_the_backbone_blocks_0_2_kept_still_load(mvtec_root, tmp_path):
@@ -122,10 +179,16 @@ def test_checkpoints_with_the_backbone_blocks_0_2_kept_still_load(mvtec_root, tm
 
 
 def test_weights_path_for_air_gapped_sites(tmp_path):
-    reference = torchvision.models.resnet18()
+    reference = torchvision.models.resnet18().eval()
+    for norm in (m for m in reference.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        norm.running_mean.uniform_(-1, 1), norm.running_var.uniform_(0.5, 2)
     torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
     extractor = FeatureExtractor("resnet18", layers=("layer2", "layer3"), weights_path=tmp_path / "resnet18.pth")
-    assert torch.equal(extractor.model.layer3[1].conv2.weight, reference.layer3[1].conv2.weight)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x = reference.maxpool(reference.relu(reference.bn1(reference.conv1((images - extractor.mean) / extractor.std))))
+        layer2 = reference.layer2(reference.layer1(x))
+        _assert_features_close(extractor(images), [layer2, reference.layer3(layer2)])
     broken = {k: v for k, v in reference.state_dict().items() if not k.startswith("layer3")}
     torch.save(broken, tmp_path / "broken.pth")
     with pytest.raises(BackboneError, match="missing"):

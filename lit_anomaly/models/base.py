@@ -169,10 +169,11 @@ class AnomalyModule(pl.LightningModule):
                 None if math.isnan(threshold) else threshold, float(legacy_quantile), "hold-out (lit-anomaly 0.1)",
                 int(legacy_count), None, None,
             )  # fmt: skip
-        own = self.state_dict()
         for name, module in self.named_modules():  # 0.2 checkpoints: frozen backbone blocks no stage used
-            if isinstance(module, FeatureExtractor):
-                for key in [k for k in state if k.startswith(f"{name}.model.blocks.") and k not in own]:
+            if isinstance(module, FeatureExtractor) and hasattr(module.model, "blocks"):
+                blocks = f"{name}.model.blocks."
+                kept = len(module.model.blocks)
+                for key in [k for k in state if k.startswith(blocks) and int(k[len(blocks) :].split(".")[0]) >= kept]:
                     del state[key]
         for name, buffer in list(self.named_buffers()):
             if name in state and state[name].shape != buffer.shape:
