@@ -17,10 +17,10 @@ EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
 def label_regions(masks: Tensor) -> tuple[np.ndarray, int]:
-    """8-connected components of every mask, numbered 1..R across all images (0 = defect-free)."""
+    """8-connected components of every mask, numbered 1..R across all images (0 = defect-free), as uint32."""
     from scipy import ndimage  # imported when first needed: it is slow to import
 
-    labels = np.zeros(masks.shape, dtype=np.int64)
+    labels = np.zeros(masks.shape, dtype=np.uint32)
     count = 0
     for i, mask in enumerate(masks.bool().cpu().numpy()):
         regions, n = ndimage.label(mask, structure=EIGHT_CONNECTED)
@@ -29,25 +29,54 @@ def label_regions(masks: Tensor) -> tuple[np.ndarray, int]:
     return labels, count
 
 
+def _float32_keys(scores: np.ndarray) -> np.ndarray:
+    """uint64 keys whose upper 32 bits order as the float32 `scores` do (-0.0 as 0.0); the lower 32 are zero."""
+    bits = (scores + np.float32(0.0)).view(np.uint32)  # -0.0 becomes 0.0: equal scores, equal bits
+    flip = bits >> np.uint32(31)  # negative scores flip every bit, the others only the sign bit
+    flip *= np.uint32(0x7FFFFFFF)
+    flip |= np.uint32(0x80000000)
+    flip ^= bits
+    keys = flip.astype(np.uint64)
+    keys <<= np.uint64(32)
+    return keys
+
+
+def _sort_descending(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort `_float32_keys` filled in below: their lower 32 bits in descending order of the scores (as int64),
+    and the mask of the last position of every run of tied scores. numpy sorts integers with SIMD, several
+    times faster than it argsorts floats."""
+    keys.sort()
+    keys = keys[::-1]
+    payload = (keys & np.uint64(2**32 - 1)).view(np.int64)
+    keys >>= np.uint64(32)
+    return payload, np.append(keys[1:] != keys[:-1], True)
+
+
 def _descending(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Descending order of `scores` and the mask of the last position of every run of tied scores.
 
-    Ties are read only at run ends, so the order among tied scores is free. float32 scores sort as one
-    uint64 per pixel, the score's bits (turned so that integer order is float order) above the pixel's
-    position: numpy sorts integers with SIMD, several times faster than it argsorts floats."""
+    Ties are read only at run ends, so the order among tied scores is free: float32 scores sort as one
+    uint64 per pixel, the score's key above the pixel's position."""
     if scores.dtype != np.float32 or len(scores) > 2**32:
         order = np.argsort(-scores)
         sorted_scores = scores[order]
         return order, np.append(sorted_scores[1:] != sorted_scores[:-1], True)
-    bits = (scores + np.float32(0.0)).view(np.uint32)  # -0.0 becomes 0.0: equal scores, equal bits
-    keys = np.where(bits >> 31, ~bits, bits | np.uint32(1 << 31)).astype(np.uint64)
-    keys <<= np.uint64(32)
+    keys = _float32_keys(scores)
     keys |= np.arange(len(scores), dtype=np.uint64)
-    keys.sort()
-    keys = keys[::-1]
-    order = (keys & np.uint64(2**32 - 1)).view(np.int64)
-    keys >>= np.uint64(32)
-    return order, np.append(keys[1:] != keys[:-1], True)
+    return _sort_descending(keys)
+
+
+def _labels_descending(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The uint32 `labels` of the pixels in descending order of `scores`, and the run ends of tied scores.
+
+    With float32 scores the label rides in the sort key in place of the pixel's position: AUPRO needs
+    only each sorted pixel's region, so there is no order to gather through (a random read per pixel)."""
+    if scores.dtype != np.float32:
+        order, run_ends = _descending(scores)
+        return labels[order].astype(np.int64), run_ends
+    keys = _float32_keys(scores)
+    keys |= labels
+    return _sort_descending(keys)
 
 
 def _area_under_curve(fpr: np.ndarray, pro: np.ndarray, limit: float) -> float:
@@ -68,8 +97,7 @@ def _curves(maps: Tensor, masks: Tensor) -> tuple[np.ndarray, np.ndarray, np.nda
     regions, n_regions = label_regions(masks)
     if n_regions == 0:
         raise ValueError("AUPRO needs at least one ground-truth region")
-    order, run_ends = _descending(maps.cpu().numpy().ravel())
-    region_of = regions.ravel()[order]  # one gather; every per-pixel weight follows from it
+    region_of, run_ends = _labels_descending(maps.cpu().numpy().ravel(), regions.ravel())
     sizes = np.bincount(region_of, minlength=n_regions + 1).astype(np.float64)
     share = np.divide(1.0, n_regions * sizes, out=np.zeros_like(sizes), where=sizes > 0)
     share[0] = 0.0
