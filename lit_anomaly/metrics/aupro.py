@@ -42,9 +42,9 @@ def _float32_keys(scores: np.ndarray) -> np.ndarray:
 
 
 def _sort_descending(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sort `_float32_keys` filled in below: their lower 32 bits in descending order of the scores (as int64),
-    and the mask of the last position of every run of tied scores. numpy sorts integers with SIMD, several
-    times faster than it argsorts floats."""
+    """Sort `_float32_keys` that carry a payload in their lower 32 bits: the payloads in descending order of
+    the scores (as int64), and the mask of the last position of every run of tied scores. numpy sorts
+    integers with SIMD, several times faster than it argsorts floats."""
     keys.sort()
     keys = keys[::-1]
     payload = (keys & np.uint64(2**32 - 1)).view(np.int64)
