@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..metrics import image_metrics, pixel_auroc_aupro_and_pro_curve, resolve_quantile
 from ..metrics.calibration import SPLIT, TRAIN, Calibration, ThresholdCalibrator
-from .components import FeatureExtractor, blur_kernel_size
+from .components import blur_kernel_size
 
 
 class FrozenDDPStrategy(DDPStrategy):
@@ -169,12 +169,6 @@ class AnomalyModule(pl.LightningModule):
                 None if math.isnan(threshold) else threshold, float(legacy_quantile), "hold-out (lit-anomaly 0.1)",
                 int(legacy_count), None, None,
             )  # fmt: skip
-        for name, module in self.named_modules():  # 0.2 checkpoints: frozen backbone blocks no stage used
-            if isinstance(module, FeatureExtractor) and hasattr(module.model, "blocks"):
-                blocks = f"{name}.model.blocks."
-                kept = len(module.model.blocks)
-                for key in [k for k in state if k.startswith(blocks) and int(k[len(blocks) :].split(".")[0]) >= kept]:
-                    del state[key]
         for name, buffer in list(self.named_buffers()):
             if name in state and state[name].shape != buffer.shape:
                 owner_name, _, attribute = name.rpartition(".")

@@ -85,8 +85,13 @@ def load_backbone_weights(model: nn.Module, state: Mapping, timm_name: str, sour
     model.load_state_dict({k: state[k] for k in needed})
 
 
-def _fold_norms_of_older_checkpoints(extractor: FeatureExtractor, state: dict, prefix: str, *args: Any) -> None:
-    """Checkpoints saved before the BatchNorms were folded hold them apart: fold them as the modules were."""
+def _migrate_older_checkpoints(extractor: FeatureExtractor, state: dict, prefix: str, *args: Any) -> None:
+    """Older checkpoints hold what this extractor no longer has: blocks past its last stage (0.2), whose entries
+    are dropped, and BatchNorms apart from their convolutions, which are folded as the modules were."""
+    if hasattr(extractor.model, "blocks"):
+        blocks, kept = f"{prefix}model.blocks.", len(extractor.model.blocks)
+        for key in [k for k in state if k.startswith(blocks) and int(k[len(blocks) :].split(".")[0]) >= kept]:
+            del state[key]
     fold_saved_norms(state, f"{prefix}model.", extractor.folded)
 
 
@@ -137,7 +142,7 @@ class FeatureExtractor(nn.Module):
         self.model.eval().requires_grad_(False)
         example = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
         self.folded: list[FoldedNorm] = fold_batchnorm(self.model, example)
-        self.register_load_state_dict_pre_hook(_fold_norms_of_older_checkpoints)
+        self.register_load_state_dict_pre_hook(_migrate_older_checkpoints)
         # oneDNN's convolutions, depthwise ones above all, run 1.3-1.6x faster on NHWC tensors (CPU and cuDNN)
         self.model.to(memory_format=torch.channels_last)
 
