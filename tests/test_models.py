@@ -22,6 +22,7 @@ from lit_anomaly.models.components.backbones import (
 )
 from lit_anomaly.models.components.batchnorm_folding import fold_batchnorm
 from lit_anomaly.models.components.coreset import _greedy_batched
+from lit_anomaly.models.components.same_padding import CopyFreeConv2dSame, replace_padded_copies
 
 DETECTORS = {"PatchCore": PatchCore, "PaDiM": PaDiM}
 
@@ -114,11 +115,29 @@ def test_features_equal_the_plain_full_backbones_whatever_the_batch(backbone, tm
     torch.save(plain.state_dict(), tmp_path / "weights.pth")
     extractor = FeatureExtractor(backbone, layers=(2, 3), weights_path=tmp_path / "weights.pth")
     assert extractor.folded and not any(isinstance(m, torch.nn.BatchNorm2d) for m in extractor.modules())
-    images = torch.rand(5, 3, 64, 64)
-    features = extractor(images)
-    with torch.no_grad():
-        _assert_features_close(features, plain((images - extractor.mean) / extractor.std))
-    assert all(torch.equal(a, b[:2]) for a, b in zip(extractor(images[:2]), features, strict=True))
+    for size in ((64, 64), (61, 66)):  # TensorFlow's "SAME" pads even and odd sizes differently
+        images = torch.rand(5, 3, *size)
+        features = extractor(images)
+        with torch.no_grad():
+            _assert_features_close(features, plain((images - extractor.mean) / extractor.std))
+        assert all(torch.equal(a, b[:2]) for a, b in zip(extractor(images[:2]), features, strict=True))
+
+
+def test_same_convolutions_pad_inside_the_convolution_with_timms_results():
+    from timm.layers import Conv2dSame
+
+    torch.manual_seed(0)
+    for kernel, stride, groups in [(3, 2, 1), (5, 2, 4), (4, 2, 1), (2, 3, 4), (3, 1, 1), ((3, 5), (2, 1), 1)]:
+        timm_conv = Conv2dSame(4, 8, kernel, stride, groups=groups).eval()
+        network = torch.nn.Sequential(timm_conv)
+        assert replace_padded_copies(network) == 1 and type(network[0]) is CopyFreeConv2dSame
+        assert network[0].weight is timm_conv.weight and network.state_dict().keys() == {"0.weight", "0.bias"}
+        for height, width in [(16, 16), (15, 17), (16, 13), (1, 2)]:
+            x = torch.randn(2, 4, height, width)
+            with torch.no_grad():
+                torch.testing.assert_close(network(x), timm_conv(x), rtol=1e-5, atol=1e-5)
+    dilated = torch.nn.Sequential(Conv2dSame(4, 4, 3, 2, dilation=2))
+    assert replace_padded_copies(dilated) == 0 and type(dilated[0]) is Conv2dSame  # no zero tap shifts by 2
 
 
 def test_batchnorm_folds_only_where_the_convolution_feeds_nothing_else():

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .batchnorm_folding import FoldedNorm, fold_batchnorm, fold_saved_norms
+from .same_padding import replace_padded_copies
 
 # Our short names for timm models whose weights we can find without a hub.
 TIMM_NAMES = {"efficientnet_lite0": "tf_efficientnet_lite0"}
@@ -139,6 +140,7 @@ class FeatureExtractor(nn.Module):
         self.channels: list[int] = self.model.feature_info.channels()
         self.strides: list[int] = self.model.feature_info.reduction()
         self._drop_blocks_past_the_last_stage()
+        replace_padded_copies(self.model)
         self.model.eval().requires_grad_(False)
         example = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
         self.folded: list[FoldedNorm] = fold_batchnorm(self.model, example)
