@@ -12,6 +12,7 @@ from lit_anomaly.models.components import (
     FeatureExtractor,
     greedy_coreset,
     image_blocks,
+    max_nearest_distance,
     nearest_distances,
     nearest_neighbors,
 )
@@ -283,6 +284,17 @@ def test_nearest_neighbors_match_cdist():
     alone = nearest_neighbors(queries[:5], bank, tile=(64, 32))[0]
     assert torch.equal(alone, distances[:5])  # a query's distance does not depend on the others in its batch
     assert torch.equal(nearest_distances(queries, bank, tile=(64, 32)), distances[:, 0])
+
+
+def test_max_nearest_distance_equals_the_full_search():
+    generator = torch.Generator().manual_seed(0)
+    queries, bank = torch.randn(300, 24, generator=generator), torch.randn(200, 24, generator=generator)
+    nearby, far = bank[:20], bank[20:]  # bounds: distances to a part of the bank, as calibration's own block
+    bounds = nearest_distances(queries, nearby)
+    searched = nearest_distances(queries, far, tile=(8, 1024))
+    assert torch.equal(max_nearest_distance(queries, bounds, far, chunk=8), torch.minimum(bounds, searched).max())
+    assert torch.equal(max_nearest_distance(queries, torch.full((300,), torch.inf), far, chunk=8), searched.max())
+    assert max_nearest_distance(queries, bounds, far[:0]) == bounds.max()  # nothing more to search
 
 
 def test_patchcore_reweighting_and_bad_arguments(mvtec_root):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -54,11 +56,13 @@ def _nearest_tiled(
     return best, where
 
 
-def nearest_distances(queries: Tensor, bank: Tensor, tile: tuple[int, int] = (256, 1024)) -> Tensor:
+def nearest_distances(
+    queries: Tensor, bank: Tensor, tile: tuple[int, int] = (256, 1024), bank_norms: Tensor | None = None
+) -> Tensor:
     """Euclidean distance (Q,) of every query to its nearest bank row: `nearest_neighbors` with k = 1, without
-    the indices that only the reweighting needs."""
+    the indices that only the reweighting needs. `bank_norms`: the bank's squared row norms, if already known."""
     bank = bank.to(queries.dtype)
-    bank_norms = (bank * bank).sum(1)
+    bank_norms = (bank * bank).sum(1) if bank_norms is None else bank_norms
     n = len(queries)
     padded = F.pad(queries, (0, 0, 0, -n % tile[0]))
     distances = []
@@ -67,3 +71,24 @@ def nearest_distances(queries: Tensor, bank: Tensor, tile: tuple[int, int] = (25
         squared, _ = _nearest_tiled(q, bank, bank_norms, tile[1], with_index=False)
         distances.append(squared.add_((q * q).sum(1, keepdim=True)).clamp_min_(0).sqrt_()[:, 0])
     return torch.cat(distances)[:n]
+
+
+def max_nearest_distance(queries: Tensor, bounds: Tensor, bank: Tensor, chunk: int = 256) -> Tensor:
+    """The largest, over `queries`, of min(its bound, its distance to the nearest row of `bank`); 0-dim.
+
+    Queries are searched in descending order of their `bounds`, and only while a bound exceeds the largest
+    distance found: a query's distance is at most its bound, so one with a lower bound cannot raise the
+    maximum. The result is exact; with bounds near the distances, a small share of the queries is searched.
+    """
+    best = bounds.max()
+    if not len(bank):
+        return best
+    bank_norms, order = (bank * bank).sum(1), bounds.argsort(descending=True)
+    best = torch.full_like(best, -math.inf)
+    for start in range(0, len(order), chunk):
+        rows = order[start : start + chunk]
+        if bounds[rows[0]] <= best:
+            break
+        found = nearest_distances(queries[rows], bank, (chunk, 1024), bank_norms)
+        best = torch.maximum(best, torch.minimum(bounds[rows], found).max())
+    return best

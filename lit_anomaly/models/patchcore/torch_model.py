@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,10 +15,35 @@ from ..components import (
     farthest_first,
     greedy_coreset,
     image_blocks,
+    max_nearest_distance,
     nearest_distances,
     nearest_neighbors,
     smooth,
 )
+
+
+@dataclass(frozen=True)
+class BlockCover:
+    """How the bank rows chosen in a block of train images cover that block's patches (all rows in image order).
+
+    Args:
+        images: the block's images.
+        patches: their patch features (P, D), image after image.
+        image_of: the image of each patch (P,).
+        nearest: each patch's distance to its nearest bank row of the block (P,).
+        nearest_owner: the image that row came from (P,).
+        uncovered: the distance to the nearest block row of another image than that: what covers the patch once
+            `nearest_owner` is left out (P,).
+        other_blocks_rows: the bank rows chosen in the other blocks.
+    """
+
+    images: range
+    patches: Tensor
+    image_of: Tensor
+    nearest: Tensor
+    nearest_owner: Tensor
+    uncovered: Tensor
+    other_blocks_rows: Tensor
 
 
 class PatchCoreModel(nn.Module):
@@ -113,51 +138,60 @@ class PatchCoreModel(nn.Module):
         bank as a refit without it would be: the rows it contributed (`bank_owner`: the image of each bank row)
         are removed, and as many are chosen again, farthest first, among the patches of its block's other
         images that they were nearest to. Removal alone leaves holes a refit fills, and scores run high;
-        repaired, they match unseen normals (benchmarks/calibration.py).
+        repaired, they match unseen normals (benchmarks/calibration.py). An image's score is its farthest patch's
+        distance, so the other blocks' rows are searched only for patches that the block's rows leave far enough
+        to be that patch (`max_nearest_distance`).
         """
         _, height, width, dim = features.shape
         per_image = height * width
         patches = features.reshape(-1, dim)
-        own_rows = torch.searchsorted(bank_owner, torch.stack([images, images + 1], 1))  # the bank is in image order
-        scores, block, repair = [], None, None
-        for image, (first, stop) in zip(images.tolist(), own_rows.tolist(), strict=True):
-            if block is None or image not in block:
+        scores, cover = [], None
+        for image in images.tolist():
+            if cover is None or image not in cover.images:
                 block = next(b for b in self.blocks(features) if image in b)
-                repair = self._repair_candidates(patches, bank_owner, block, per_image)
-            nearest_owner, uncovered, image_of, block_patches = repair
-            orphans = torch.nonzero((nearest_owner == image) & (image_of != image)).squeeze(1)
-            candidates = block_patches.index_select(0, orphans).float()
-            refill = candidates[farthest_first(candidates, uncovered[orphans], int((bank_owner == image).sum()))]
-            own = patches[image * per_image : (image + 1) * per_image].float()
+                cover = self._block_cover(patches, bank_owner, block, per_image)
+            orphans = torch.nonzero((cover.nearest_owner == image) & (cover.image_of != image)).squeeze(1)
+            candidates = cover.patches.index_select(0, orphans).float()
+            refill = candidates[farthest_first(candidates, cover.uncovered[orphans], int((bank_owner == image).sum()))]
+            own = slice((image - cover.images.start) * per_image, (image - cover.images.start + 1) * per_image)
+            queries = cover.patches[own].float()
             if self.reweight:  # the reweighting looks at bank neighbourhoods: score against the whole repaired bank
                 bank = torch.cat([self.memory_bank[bank_owner != image], refill])
-                scores.append(self.score(own[None], bank)[1])
+                scores.append(self.score(queries[None], bank)[1])
                 continue
-            references = (self.memory_bank[:first], self.memory_bank[stop:], refill)  # every row but its own
-            distances = [nearest_distances(own, r) for r in references if len(r)]
-            scores.append(torch.stack(distances).amin(0).max().view(1) if distances else own.new_full((1,), math.inf))
+            # every row but its own: the block's other rows (measured by the cover), the refill, the other blocks'
+            in_block = torch.where(cover.nearest_owner[own] == image, cover.uncovered[own], cover.nearest[own])
+            nearest = torch.minimum(in_block, nearest_distances(queries, refill)) if len(refill) else in_block
+            scores.append(max_nearest_distance(queries, nearest, cover.other_blocks_rows).view(1))
         return torch.cat(scores) if scores else features.new_empty(0, dtype=torch.float32)
 
-    def _repair_candidates(
+    def _block_cover(
         self, patches: Tensor, bank_owner: Tensor, block: range, per_image: int, chunk: int = 2048
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """For every patch of `block`: the image owning its nearest bank row of the block, and its distance to
-        the nearest block row of another owner (what covers it once that image is left out); with each
-        patch's image and the block's patches. One pass over block patches x block bank, in fixed-shape chunks."""
-        in_block = (bank_owner >= block.start) & (bank_owner < block.stop)
-        bank, owners = self.memory_bank[in_block], bank_owner[in_block]
+    ) -> BlockCover:
+        """How the bank rows of `block` cover its patches, in one pass over block patches x block bank rows,
+        in fixed-shape chunks."""
+        first, stop = torch.searchsorted(bank_owner, bank_owner.new_tensor([block.start, block.stop])).tolist()
+        bank, owners = self.memory_bank[first:stop], bank_owner[first:stop]  # the bank is in image order
         block_patches = patches[block.start * per_image : block.stop * per_image]
         bank_norms, n = (bank * bank).sum(1), len(block_patches)
         padded = F.pad(block_patches, (0, 0, 0, -n % chunk))
-        nearest_owner, uncovered = [], []
+        nearest, nearest_owner, uncovered = [], [], []
         for start in range(0, len(padded), chunk):
             q = padded[start : start + chunk].float()
             squared = torch.addmm(bank_norms, q, bank.T, alpha=-2.0).add_((q * q).sum(1, keepdim=True))
-            owner = owners[squared.argmin(1)]
-            nearest_owner.append(owner)
-            uncovered.append(squared.masked_fill_(owners == owner[:, None], float("inf")).amin(1))
-        image_of = torch.arange(block.start, block.stop, device=patches.device).repeat_interleave(per_image)
-        return torch.cat(nearest_owner)[:n], torch.cat(uncovered)[:n].clamp_min(0).sqrt(), image_of, block_patches
+            value, index = squared.min(1)
+            nearest.append(value)
+            nearest_owner.append(owners[index])
+            uncovered.append(squared.masked_fill_(owners == nearest_owner[-1][:, None], float("inf")).amin(1))
+        return BlockCover(
+            images=block,
+            patches=block_patches,
+            image_of=torch.arange(block.start, block.stop, device=patches.device).repeat_interleave(per_image),
+            nearest=torch.cat(nearest)[:n].clamp_min(0).sqrt(),
+            nearest_owner=torch.cat(nearest_owner)[:n],
+            uncovered=torch.cat(uncovered)[:n].clamp_min(0).sqrt(),
+            other_blocks_rows=torch.cat([self.memory_bank[:first], self.memory_bank[stop:]]),
+        )
 
     def cross_fit_scores(self, features: Tensor, folds: Tensor, fold: int, images: Tensor, chunk: int = 16) -> Tensor:
         """Scores of `images` (indices into `features`, all in `fold`) against a memory bank built, as `fit`
