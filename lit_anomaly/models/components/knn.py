@@ -80,11 +80,10 @@ def max_nearest_distance(queries: Tensor, bounds: Tensor, bank: Tensor, chunk: i
     distance found: a query's distance is at most its bound, so one with a lower bound cannot raise the
     maximum. The result is exact; with bounds near the distances, a small share of the queries is searched.
     """
-    best = bounds.max()
     if not len(bank):
-        return best
+        return bounds.max()
     bank_norms, order = (bank * bank).sum(1), bounds.argsort(descending=True)
-    best = torch.full_like(best, -math.inf)
+    best = bounds.new_tensor(-math.inf)
     for start in range(0, len(order), chunk):
         rows = order[start : start + chunk]
         if bounds[rows[0]] <= best:
