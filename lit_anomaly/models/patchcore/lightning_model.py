@@ -39,7 +39,7 @@ class PatchCore(AnomalyModule):
         calibration: how train normals are scored for the threshold: leave-one-out (default), k-fold:K
             (K >= 2 refits), or none (only held-out or validation normals calibrate).
         calibration_max_images: score at most this many train images out of sample (a seeded random
-            subset, the same on every rank); each costs about what testing an image costs. 200 are enough for
+            subset, the same on every rank); each costs up to about what testing an image costs. 200 are enough for
             the default q = 0.995 (it needs 199); null scores every train image.
         pixel_eval_size: compute pixel metrics at this square size in px (default: the input size).
         aupro_fpr_limit: false-positive-rate limit of AUPRO, in (0, 1]; MVTec's 0.3 by default.
