@@ -289,12 +289,15 @@ def test_nearest_neighbors_match_cdist():
 def test_max_nearest_distance_equals_the_full_search():
     generator = torch.Generator().manual_seed(0)
     queries, bank = torch.randn(300, 24, generator=generator), torch.randn(200, 24, generator=generator)
-    nearby, far = bank[:20], bank[20:]  # bounds: distances to a part of the bank, as calibration's own block
-    bounds = nearest_distances(queries, nearby)
-    searched = nearest_distances(queries, far, tile=(8, 1024))
-    assert torch.equal(max_nearest_distance(queries, bounds, far, chunk=8), torch.minimum(bounds, searched).max())
-    assert torch.equal(max_nearest_distance(queries, torch.full((300,), torch.inf), far, chunk=8), searched.max())
-    assert max_nearest_distance(queries, bounds, far[:0]) == bounds.max()  # nothing more to search
+    nearby, far = bank[:20], [bank[20:120], bank[120:]]  # bounds from a part of the bank, as a block's own rows
+    bounds, norms = nearest_distances(queries, nearby), [(b * b).sum(1) for b in far]
+    searched = nearest_distances(queries, bank[20:], tile=(8, 1024))
+    assert torch.allclose(
+        max_nearest_distance(queries, bounds, far, norms, chunk=8), torch.minimum(bounds, searched).max()
+    )
+    infinite = torch.full((300,), torch.inf)
+    assert torch.allclose(max_nearest_distance(queries, infinite, far, norms, chunk=8), searched.max())
+    assert max_nearest_distance(queries, bounds, [far[0][:0]], [norms[0][:0]]) == bounds.max()  # nothing to search
 
 
 def test_patchcore_reweighting_and_bad_arguments(mvtec_root):

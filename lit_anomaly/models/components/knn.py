@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -73,21 +74,26 @@ def nearest_distances(
     return torch.cat(distances)[:n]
 
 
-def max_nearest_distance(queries: Tensor, bounds: Tensor, bank: Tensor, chunk: int = 256) -> Tensor:
-    """The largest, over `queries`, of min(its bound, its distance to the nearest row of `bank`); 0-dim.
+def max_nearest_distance(
+    queries: Tensor, bounds: Tensor, banks: Sequence[Tensor], bank_norms: Sequence[Tensor], chunk: int = 256
+) -> Tensor:
+    """The largest, over `queries`, of min(its bound, its distance to the nearest row of `banks`); 0-dim.
+    `banks` are parts of one bank (views, not copied) and `bank_norms` their squared row norms.
 
     Queries are searched in descending order of their `bounds`, and only while a bound exceeds the largest
     distance found: a query's distance is at most its bound, so one with a lower bound cannot raise the
     maximum. The result is exact; with bounds near the distances, a small share of the queries is searched.
     """
-    if not len(bank):
+    parts = [(bank, norms) for bank, norms in zip(banks, bank_norms, strict=True) if len(bank)]
+    if not parts:
         return bounds.max()
-    bank_norms, order = (bank * bank).sum(1), bounds.argsort(descending=True)
-    best = bounds.new_tensor(-math.inf)
+    order, best = bounds.argsort(descending=True), bounds.new_tensor(-math.inf)
     for start in range(0, len(order), chunk):
         rows = order[start : start + chunk]
         if bounds[rows[0]] <= best:
             break
-        found = nearest_distances(queries[rows], bank, (chunk, 1024), bank_norms)
-        best = torch.maximum(best, torch.minimum(bounds[rows], found).max())
+        nearest = bounds[rows]
+        for bank, norms in parts:
+            nearest = torch.minimum(nearest, nearest_distances(queries[rows], bank, (chunk, 1024), norms))
+        best = torch.maximum(best, nearest.max())
     return best

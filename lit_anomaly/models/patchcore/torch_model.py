@@ -34,7 +34,7 @@ class BlockCover:
         nearest_owner: the image that row came from (P,).
         uncovered: the distance to the nearest block row of another image than that: what covers the patch once
             `nearest_owner` is left out (P,).
-        other_blocks_rows: the bank rows chosen in the other blocks.
+        rows: the block's rows of the bank.
     """
 
     images: range
@@ -43,7 +43,7 @@ class BlockCover:
     nearest: Tensor
     nearest_owner: Tensor
     uncovered: Tensor
-    other_blocks_rows: Tensor
+    rows: range
 
 
 class PatchCoreModel(nn.Module):
@@ -145,7 +145,7 @@ class PatchCoreModel(nn.Module):
         _, height, width, dim = features.shape
         per_image = height * width
         patches = features.reshape(-1, dim)
-        scores, cover = [], None
+        scores, cover, bank_norms = [], None, (self.memory_bank * self.memory_bank).sum(1)
         for image in images.tolist():
             if cover is None or image not in cover.images:
                 block = next(b for b in self.blocks(features) if image in b)
@@ -162,7 +162,9 @@ class PatchCoreModel(nn.Module):
             # every row but its own: the block's other rows (measured by the cover), the refill, the other blocks'
             in_block = torch.where(cover.nearest_owner[own] == image, cover.uncovered[own], cover.nearest[own])
             nearest = torch.minimum(in_block, nearest_distances(queries, refill)) if len(refill) else in_block
-            scores.append(max_nearest_distance(queries, nearest, cover.other_blocks_rows).view(1))
+            others = (slice(None, cover.rows.start), slice(cover.rows.stop, None))
+            banks, norms = [self.memory_bank[s] for s in others], [bank_norms[s] for s in others]
+            scores.append(max_nearest_distance(queries, nearest, banks, norms).view(1))
         return torch.cat(scores) if scores else features.new_empty(0, dtype=torch.float32)
 
     def _block_cover(
@@ -190,7 +192,7 @@ class PatchCoreModel(nn.Module):
             nearest=torch.cat(nearest)[:n].clamp_min(0).sqrt(),
             nearest_owner=torch.cat(nearest_owner)[:n],
             uncovered=torch.cat(uncovered)[:n].clamp_min(0).sqrt(),
-            other_blocks_rows=torch.cat([self.memory_bank[:first], self.memory_bank[stop:]]),
+            rows=range(first, stop),
         )
 
     def cross_fit_scores(self, features: Tensor, folds: Tensor, fold: int, images: Tensor, chunk: int = 16) -> Tensor:
