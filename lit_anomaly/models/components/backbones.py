@@ -66,8 +66,7 @@ def create_timm_model(name: str, **kwargs: Any) -> nn.Module:
 
 def _by_order(state: Mapping[str, Tensor], timm_name: str) -> dict[str, Tensor]:
     """Rename a state dict with foreign key names by position onto the full timm model's keys."""
-    with torch.device("meta"):  # only its key names and shapes are needed: no memory, no initialisation
-        reference = create_timm_model(timm_name, pretrained=False).state_dict()
+    reference = create_timm_model(timm_name, pretrained=False).state_dict()
     if len(reference) != len(state) or any(
         a.shape != b.shape for a, b in zip(reference.values(), state.values(), strict=True)
     ):
