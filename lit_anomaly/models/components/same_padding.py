@@ -22,13 +22,15 @@ class CopyFreeConv2dSame(nn.Conv2d):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        padding, leading_zero = [], []
-        for size, kernel, stride in zip(x.shape[-2:], self.kernel_size, self.stride, strict=True):
-            total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
-            padding.append((total + 1) // 2)  # an odd total puts its extra row or column after the input
-            leading_zero.append(total % 2)
-        weight = F.pad(self.weight, (leading_zero[1], 0, leading_zero[0], 0)) if any(leading_zero) else self.weight
-        return F.conv2d(x, weight, self.bias, self.stride, padding, 1, self.groups)
+        height, width = (
+            max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+            for size, kernel, stride in zip(x.shape[-2:], self.kernel_size, self.stride, strict=True)
+        )  # "SAME"'s total padding; an odd total puts its extra row or column after the input
+        if x.is_cuda:  # timm's padded copy: cuDNN's depthwise kernels for 4x4 and 6x6 have not been measured here
+            x = F.pad(x, (width // 2, width - width // 2, height // 2, height - height // 2))
+            return F.conv2d(x, self.weight, self.bias, self.stride, 0, 1, self.groups)
+        weight = F.pad(self.weight, (width % 2, 0, height % 2, 0)) if height % 2 or width % 2 else self.weight
+        return F.conv2d(x, weight, self.bias, self.stride, ((height + 1) // 2, (width + 1) // 2), 1, self.groups)
 
 
 def replace_padded_copies(network: nn.Module) -> int:
