@@ -149,7 +149,7 @@ class PatchCoreModel(nn.Module):
         for image in images.tolist():
             if cover is None or image not in cover.images:
                 block = next(b for b in self.blocks(features) if image in b)
-                cover = self._block_cover(patches, bank_owner, block, per_image)
+                cover = self._block_cover(patches, bank_owner, bank_norms, block, per_image)
             orphans = torch.nonzero((cover.nearest_owner == image) & (cover.image_of != image)).squeeze(1)
             candidates = cover.patches.index_select(0, orphans).float()
             refill = candidates[farthest_first(candidates, cover.uncovered[orphans], int((bank_owner == image).sum()))]
@@ -168,14 +168,14 @@ class PatchCoreModel(nn.Module):
         return torch.cat(scores) if scores else features.new_empty(0, dtype=torch.float32)
 
     def _block_cover(
-        self, patches: Tensor, bank_owner: Tensor, block: range, per_image: int, chunk: int = 2048
+        self, patches: Tensor, bank_owner: Tensor, bank_norms: Tensor, block: range, per_image: int, chunk: int = 2048
     ) -> BlockCover:
         """How the bank rows of `block` cover its patches, in one pass over block patches x block bank rows,
-        in fixed-shape chunks."""
+        in fixed-shape chunks; `bank_norms`: the bank's squared row norms."""
         first, stop = torch.searchsorted(bank_owner, bank_owner.new_tensor([block.start, block.stop])).tolist()
         bank, owners = self.memory_bank[first:stop], bank_owner[first:stop]  # the bank is in image order
         block_patches = patches[block.start * per_image : block.stop * per_image]
-        bank_norms, n = (bank * bank).sum(1), len(block_patches)
+        bank_norms, n = bank_norms[first:stop], len(block_patches)
         padded = F.pad(block_patches, (0, 0, 0, -n % chunk))
         nearest, nearest_owner, uncovered = [], [], []
         for start in range(0, len(padded), chunk):
