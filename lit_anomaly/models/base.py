@@ -205,8 +205,7 @@ class AnomalyModule(pl.LightningModule):
                 f"(blur_sigma {sigma}) needs at least {needed} px a side"
             )
         try:
-            with torch.no_grad():
-                self.model.extractor(torch.zeros(1, 3, *size, device=self.device))
+            self.model.extractor.check_input_size(size)
         except RuntimeError as error:
             raise ValueError(
                 f"--data.image_size {list(size)} is too small for backbone {self.model.extractor.backbone!r}: "

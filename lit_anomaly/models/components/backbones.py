@@ -182,6 +182,13 @@ class FeatureExtractor(nn.Module):
         self.model.eval()  # frozen: BatchNorm statistics never change
         return self
 
+    def check_input_size(self, size: tuple[int, int]) -> None:
+        """Run one blank image of `size` through the backbone, not padded to `canonical_batch` (an eighth of the
+        cost); raises RuntimeError where the backbone cannot take that size."""
+        blank = torch.zeros(1, 3, *size, device=self.mean.device).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            self.model(blank)
+
     def forward(self, images: Tensor) -> list[Tensor]:
         """Feature maps of the chosen stages, float32, contiguous (N, C, h, w).
 
