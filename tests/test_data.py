@@ -1,3 +1,4 @@
+import os
 import shutil
 import struct
 import sys
@@ -10,7 +11,14 @@ import torch
 from PIL import Image
 
 from lit_anomaly.data import BTAD, DatasetError, Folder, MVTecAD, MVTecAD2, MVTecLOCO, VisA
-from lit_anomaly.data.base import keep_freed_memory, read_image, read_mask, to_float_batch, to_rgb_array
+from lit_anomaly.data.base import (
+    LOADER_WORKER_NICENESS,
+    keep_freed_memory,
+    read_image,
+    read_mask,
+    to_float_batch,
+    to_rgb_array,
+)
 
 CLASSES = {
     "MVTecAD": MVTecAD,
@@ -375,6 +383,21 @@ class _FreshBuffers(torch.utils.data.Dataset):
         pixels = rows + 1
         del rows, pixels
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+class _Niceness(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> int:
+        return os.nice(0)
+
+
+@pytest.mark.skipif(not hasattr(os, "nice"), reason="POSIX niceness")
+def test_loader_workers_decode_at_lower_priority_than_the_model(family_roots):
+    worker_init = make("MVTecAD", family_roots["MVTecAD"], num_workers=1).dataloader("train").worker_init_fn
+    loader = torch.utils.data.DataLoader(_Niceness(), batch_size=None, num_workers=1, worker_init_fn=worker_init)
+    assert list(loader) == [min(19, os.nice(0) + LOADER_WORKER_NICENESS)]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc thresholds")
