@@ -1,5 +1,7 @@
 import json
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -234,6 +236,20 @@ def test_command_freezes_the_import_time_objects_keeps_freed_memory_and_returns_
         assert gc.isenabled() and gc.get_freeze_count() > 10_000  # torch and Lightning: what exit no longer traces
     finally:
         gc.unfreeze()
+
+
+def test_command_exits_with_the_status_after_the_exit_handlers_and_flushes_its_output():
+    script = (
+        "import atexit, sys\n"
+        "atexit.register(print, 'exit handler ran')\n"  # to stdout, a pipe here: block-buffered
+        "sys.argv = ['lit-anomaly', 'fit+test', '--model', 'NoSuchDetector']\n"
+        "from lit_anomaly.__main__ import command\n"
+        "command()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 2 and "lit-anomaly: error:" in done.stderr and "NoSuchDetector" in done.stderr
+    assert done.stdout == "exit handler ran\n"
 
 
 def test_help_names_the_command_however_it_was_launched(capsys, monkeypatch):
