@@ -29,7 +29,7 @@ def run() -> int:
 
 def command() -> None:
     """The `lit-anomaly` command: `run`, then exit without the interpreter's teardown, which frees one by one the
-    objects torch, Lightning and matplotlib created (0.5 s), memory the kernel takes back at once. By then the
+    objects torch, Lightning and matplotlib created (0.6 s), memory the kernel takes back at once. By then the
     run's files are closed and synced; exit handlers (logging, multiprocessing) still run, and stdout and
     stderr are flushed."""
     code = run()
