@@ -122,9 +122,8 @@ def keep_freed_memory(worker_id: int = 0) -> None:
     """Keep freed blocks under 256 MB in this process's heap; called in every loader worker (`init_loader_worker`)
     and by the `lit-anomaly` command for its own process, and fit to be a DataLoader `worker_init_fn`. glibc
     hands such blocks back to the kernel when they are freed and faults their pages in again when the next one
-    is allocated: a decoded 5-Mpx image's 15 MB buffers
-    (a tenth of the time to decode it), and every activation of a backbone's forward pass (a fifth of
-    efficientnet_lite0's time at 32 x 256 px, 170k page faults)."""
+    is allocated: a decoded 5-Mpx image's 15 MB buffers (a tenth of the time to decode it), and every activation
+    of a backbone's forward pass (a fifth of efficientnet_lite0's time at 32 x 256 px, 170k page faults)."""
     if not sys.platform.startswith("linux"):
         return
     try:
