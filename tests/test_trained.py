@@ -44,14 +44,21 @@ def fit_calibrate_test(model, dm, **trainer_kwargs):
     return model.test_result.metrics
 
 
+# (train batch size, epochs): enough steps, at each detector's default learning rate, that quality does not
+# hang on the seed. Seeds 0-11 gave image AUROC 0.984-1.0 (STFPM) and 1.0 (Reverse Distillation), pixel AUPRO
+# 0.27 or more above the random teacher's. STFPM's 15 steps at lr 0.05 used to pass for seed 0 alone.
+STEPS = {"STFPM": (2, 8), "ReverseDistillation": (3, 5)}
+
+
 @pytest.mark.parametrize("name", list(DETECTORS))
 def test_trained_detector_learns_and_beats_a_random_teacher(name, trained_root):
+    batch_size, epochs = STEPS[name]
     metrics = {}
     for pretrained in (True, False):
         pl.seed_everything(0)
-        lr = {"lr": 0.05} if name == "STFPM" else {}  # the paper's 0.4 is for ResNet18; lite0 diverges at it
-        model = DETECTORS[name](backbone="efficientnet_lite0", pretrained=pretrained, layers=(1, 2, 3), **lr)
-        metrics[pretrained] = fit_calibrate_test(model, datamodule(trained_root), max_epochs=5)
+        model = DETECTORS[name](backbone="efficientnet_lite0", pretrained=pretrained, layers=(1, 2, 3))
+        dm = datamodule(trained_root, train_batch_size=batch_size)
+        metrics[pretrained] = fit_calibrate_test(model, dm, max_epochs=epochs)
     assert metrics[True]["image_auroc"] >= 0.95
     assert metrics[True]["pixel_aupro"] > metrics[False]["pixel_aupro"] + 0.05
     provenance = model.calibration.provenance()
