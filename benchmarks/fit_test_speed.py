@@ -104,8 +104,6 @@ def measure(args: argparse.Namespace) -> dict:
     if args.model == "PatchCore":
         model_args |= {"coreset_ratio": args.coreset_ratio, "projection_dim": args.projection_dim}
         model_args["coreset_block_size"] = args.coreset_block_size or None
-    if args.model == "STFPM":
-        model_args |= {"lr": args.stfpm_lr}
     data_args = {
         "root": args.root, "image_size": args.image_size, "num_workers": args.workers,
         "calibration_fraction": args.calibration_fraction, "train_batch_size": 32, "eval_batch_size": 32,
@@ -215,7 +213,6 @@ def main() -> None:
     parser.add_argument("--random-init", action="store_true")
     parser.add_argument("--models", nargs="+", default=["PatchCore", "PaDiM"], help="also STFPM, ReverseDistillation")
     parser.add_argument("--epochs", type=int, default=10, help="training epochs of STFPM and ReverseDistillation")
-    parser.add_argument("--stfpm-lr", type=float, default=0.05, help="the paper's 0.4 diverges on efficientnet_lite0")
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--coreset-ratio", type=float, default=0.1)
