@@ -15,14 +15,21 @@ def blur_kernel_size(sigma: float) -> int:
 def smooth(maps: Tensor, sigma: float) -> Tensor:
     """Blur (B, 1, H, W) maps with a Gaussian of `sigma` px (reflect padding); unchanged for sigma <= 0.
 
-    Separable: a row pass and a column pass, 2k multiply-adds per pixel instead of the k^2 of
-    torchvision's 2-D kernel (33 x 33 at sigma 4), with the same result up to rounding."""
+    Separable, each pass one matrix product with the pass's (n, n) banded blur matrix: BLAS runs
+    it 6-12x faster than a one-channel convolution up to 1024 px, despite the zeros (about even at
+    1536 px). Same result as torchvision's 2-D kernel up to rounding."""
     if sigma <= 0:
         return maps
+    height, width = maps.shape[-2:]
+    return blur_matrix(height, sigma, maps).T @ maps @ blur_matrix(width, sigma, maps)
+
+
+def blur_matrix(n: int, sigma: float, like: Tensor) -> Tensor:
+    """(n, n) matrix M with row @ M = the row blurred with reflect padding: the 1-D kernel applied to
+    the identity's rows."""
     size = blur_kernel_size(sigma)
-    x = torch.linspace(-(size // 2), size // 2, size, dtype=maps.dtype, device=maps.device)
+    x = torch.linspace(-(size // 2), size // 2, size, dtype=like.dtype, device=like.device)
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    pad = size // 2
-    maps = F.pad(maps, (pad, pad, pad, pad), mode="reflect")
-    return F.conv2d(F.conv2d(maps, kernel.view(1, 1, 1, size)), kernel.view(1, 1, size, 1))
+    identity = torch.eye(n, dtype=like.dtype, device=like.device)[:, None]
+    padded = F.pad(identity, (size // 2, size // 2), mode="reflect")
+    return F.conv1d(padded, (kernel / kernel.sum()).view(1, 1, size))[:, 0]
