@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lit_anomaly.data import BTAD, DatasetError, Folder, MVTecAD, MVTecAD2, MVTecLOCO, VisA
+from lit_anomaly.data import BTAD, DatasetError, Folder, MVTecAD, MVTecAD2, MVTecLOCO, VisA, write_synthetic
 from lit_anomaly.data.base import (
     LOADER_WORKER_NICENESS,
     keep_freed_memory,
@@ -411,3 +411,16 @@ def test_loader_workers_reuse_freed_image_buffers():
     # madvise gives transparent huge pages (a CI machine did: 169 faults where this one takes 2200).
     fewest_fresh = 4 * 2 * _BUFFER_BYTES // _HUGE_PAGE_BYTES
     assert untuned >= fewest_fresh and tuned < untuned / 10, (untuned, tuned)
+
+
+@pytest.mark.parametrize("family", ["MVTecAD2", "MVTecLOCO", "VisA"])
+def test_synthetic_files_do_not_depend_on_the_number_of_writer_threads(family, tmp_path, monkeypatch):
+    def files(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    categories = {"MVTecAD2": ["can", "rice"], "MVTecLOCO": ["pushpins"], "VisA": ["candle", "cashew"]}[family]
+    trees = {}
+    for threads in (1, 4):
+        monkeypatch.setattr(os, "cpu_count", lambda threads=threads: threads)
+        trees[threads] = files(write_synthetic(tmp_path / str(threads), family, categories, 4, 2, 5, (24, 32)))
+    assert len(trees[1]) > 20 and trees[1] == trees[4]

@@ -15,7 +15,10 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -91,124 +94,152 @@ def add_defect(image: Image.Image, kind: str, rng: np.random.Generator) -> tuple
     return image, mask
 
 
-def _save(image: Image.Image, path: Path) -> None:
+def _save(image: Image.Image, path: Path, **options: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    image.save(path, **options)
+
+
+def _saving(image_path: Path, mask_path: Path | None = None) -> Callable[[Image.Image, Image.Image], None]:
+    """What `_Writer.anomalous` should do with an image and its mask: save them to these paths."""
+
+    def save(image: Image.Image, mask: Image.Image) -> None:
+        _save(image, image_path)
+        if mask_path is not None:
+            _save(mask, mask_path)
+
+    return save
 
 
 class _Writer:
-    """Generates the images of one category; family functions decide where they go."""
+    """Generates the images of one category on `pool`'s threads (NumPy and PNG encoding release the GIL); family
+    functions decide where they go. Every image is seeded by its category and index: the files do not depend on
+    the number of threads."""
 
-    def __init__(self, category: str, size: int | tuple[int, int]) -> None:
-        self.category, self.size, self.count = category, size, 0
+    def __init__(self, category: str, size: int | tuple[int, int], pool: ThreadPoolExecutor) -> None:
+        self.category, self.size, self.count, self.pool = category, size, 0, pool
+        self.pending: list[Future] = []
 
-    def normal(self) -> Image.Image:
+    def normal(self, path: Path, **options: Any) -> None:
+        """Generate the next normal image and save it to `path` with PIL's save `options`."""
         self.count += 1
-        return normal_image(self.category, self.count, self.size)
+        self.pending.append(self.pool.submit(self._normal, self.count, path, options))
 
-    def anomalous(self, kind: str | None = None) -> tuple[Image.Image, Image.Image, str]:
+    def anomalous(self, finish: Callable[[Image.Image, Image.Image], None], kind: str | None = None) -> None:
+        """Generate the next anomalous image with a defect of `kind` (random if None) and hand it and its mask to
+        `finish`."""
         self.count += 1
         rng = _rng("defect", self.category, self.count)
         kind = kind or DEFECTS[int(rng.integers(len(DEFECTS)))]
-        image, mask = add_defect(normal_image(self.category, self.count, self.size), kind, rng)
-        return image, mask, kind
+        self.pending.append(self.pool.submit(self._anomalous, self.count, kind, rng, finish))
+
+    def wait(self) -> None:
+        """Block until every image is written; re-raises the first error."""
+        for future in self.pending:
+            future.result()
+
+    def _normal(self, index: int, path: Path, options: dict[str, Any]) -> None:
+        _save(normal_image(self.category, index, self.size), path, **options)
+
+    def _anomalous(self, index: int, kind: str, rng: np.random.Generator, finish: Callable) -> None:
+        finish(*add_defect(normal_image(self.category, index, self.size), kind, rng))
 
 
 def _mvtec(root: Path, w: _Writer, n_train: int, n_good: int, n_bad: int) -> None:
     cat = root / w.category
     for i in range(n_train):
-        _save(w.normal(), cat / "train" / "good" / f"{i:03d}.png")
+        w.normal(cat / "train" / "good" / f"{i:03d}.png")
     for i in range(n_good):
-        _save(w.normal(), cat / "test" / "good" / f"{i:03d}.png")
+        w.normal(cat / "test" / "good" / f"{i:03d}.png")
     counters: dict[str, int] = {}
     for i in range(n_bad):
-        image, mask, kind = w.anomalous(DEFECTS[i % 2])
+        kind = DEFECTS[i % 2]
         k = counters[kind] = counters.get(kind, -1) + 1
-        _save(image, cat / "test" / kind / f"{k:03d}.png")
-        _save(mask, cat / "ground_truth" / kind / f"{k:03d}_mask.png")
+        w.anomalous(
+            _saving(cat / "test" / kind / f"{k:03d}.png", cat / "ground_truth" / kind / f"{k:03d}_mask.png"), kind
+        )
 
 
 def _mvtec_ad2(root: Path, w: _Writer, n_train: int, n_good: int, n_bad: int) -> None:
     cat = root / w.category
     for i in range(n_train):
-        _save(w.normal(), cat / "train" / "good" / f"{i:03d}_regular.png")
+        w.normal(cat / "train" / "good" / f"{i:03d}_regular.png")
     for i in range(max(2, n_train // 5)):
-        _save(w.normal(), cat / "validation" / "good" / f"{i:03d}_regular.png")
+        w.normal(cat / "validation" / "good" / f"{i:03d}_regular.png")
     for i in range(n_good):
-        _save(w.normal(), cat / "test_public" / "good" / f"{i:03d}_regular.png")
+        w.normal(cat / "test_public" / "good" / f"{i:03d}_regular.png")
     for i in range(n_bad):
-        image, mask, _ = w.anomalous()
         lighting = ("regular", "overexposed", "shift_1")[i % 3]
-        _save(image, cat / "test_public" / "bad" / f"{i:03d}_{lighting}.png")
-        _save(mask, cat / "test_public" / "ground_truth" / "bad" / f"{i:03d}_{lighting}_mask.png")
+        stem = f"bad/{i:03d}_{lighting}"
+        w.anomalous(
+            _saving(cat / "test_public" / f"{stem}.png", cat / "test_public" / "ground_truth" / f"{stem}_mask.png")
+        )
     for split in ("test_private", "test_private_mixed"):
         for i in range(3):
-            _save(w.anomalous()[0] if i % 2 else w.normal(), cat / split / f"{i:03d}_regular.png")
+            path = cat / split / f"{i:03d}_regular.png"
+            w.anomalous(_saving(path)) if i % 2 else w.normal(path)
+
+
+LOCO_DEFECTS_CONFIG = [
+    {"defect_name": "missing_part", "pixel_value": 255, "saturation_threshold": 1.0, "relative_saturation": True},
+    {"defect_name": "extra_part", "pixel_value": 200, "saturation_threshold": 400, "relative_saturation": False},
+]
+
+
+def _loco_anomaly(
+    category: str, index: int, image_path: Path, masks: Path, image: Image.Image, first: Image.Image
+) -> None:
+    """A second defect on top of the first; one mask per defect, valued as defects_config.json says."""
+    image, second = add_defect(image, "stain", _rng("loco", category, index))
+    _save(image, image_path)
+    for j, (mask, entry) in enumerate(zip((first, second), LOCO_DEFECTS_CONFIG, strict=True)):
+        values = (np.asarray(mask) > 0).astype(np.uint8) * entry["pixel_value"]
+        _save(Image.fromarray(values), masks / f"{j:03d}.png")
 
 
 def _mvtec_loco(root: Path, w: _Writer, n_train: int, n_good: int, n_bad: int) -> None:
     cat = root / w.category
     for i in range(n_train):
-        _save(w.normal(), cat / "train" / "good" / f"{i:03d}.png")
+        w.normal(cat / "train" / "good" / f"{i:03d}.png")
     for i in range(max(2, n_train // 5)):
-        _save(w.normal(), cat / "validation" / "good" / f"{i:03d}.png")
+        w.normal(cat / "validation" / "good" / f"{i:03d}.png")
     for i in range(n_good):
-        _save(w.normal(), cat / "test" / "good" / f"{i:03d}.png")
-    config = [
-        {
-            "defect_name": "missing_part",
-            "pixel_value": 255,
-            "saturation_threshold": 1.0,
-            "relative_saturation": True,
-        },
-        {
-            "defect_name": "extra_part",
-            "pixel_value": 200,
-            "saturation_threshold": 400,
-            "relative_saturation": False,
-        },
-    ]
+        w.normal(cat / "test" / "good" / f"{i:03d}.png")
     for i in range(n_bad):
         defect_type = ("logical_anomalies", "structural_anomalies")[i % 2]
-        image, first, _ = w.anomalous()
-        image, second = add_defect(image, "stain", _rng("loco", w.category, i))
         stem = f"{i // 2:03d}"
-        _save(image, cat / "test" / defect_type / f"{stem}.png")
-        for j, (mask, entry) in enumerate(zip((first, second), config, strict=False)):
-            values = (np.asarray(mask) > 0).astype(np.uint8) * entry["pixel_value"]
-            _save(Image.fromarray(values), cat / "ground_truth" / defect_type / stem / f"{j:03d}.png")
-    (cat / "defects_config.json").write_text(json.dumps(config, indent=2))
+        paths = (cat / "test" / defect_type / f"{stem}.png", cat / "ground_truth" / defect_type / stem)
+        w.anomalous(partial(_loco_anomaly, w.category, i, *paths))
+    cat.mkdir(parents=True, exist_ok=True)
+    (cat / "defects_config.json").write_text(json.dumps(LOCO_DEFECTS_CONFIG, indent=2))
 
 
 def _btad(root: Path, w: _Writer, n_train: int, n_good: int, n_bad: int) -> None:
     cat = root / "BTech_Dataset_transformed" / w.category
     ext = ".bmp" if w.category == "01" else ".png"
     for i in range(n_train):
-        _save(w.normal(), cat / "train" / "ok" / f"{i:04d}{ext}")
+        w.normal(cat / "train" / "ok" / f"{i:04d}{ext}")
     for i in range(n_good):
-        _save(w.normal(), cat / "test" / "ok" / f"{i:04d}{ext}")
+        w.normal(cat / "test" / "ok" / f"{i:04d}{ext}")
     for i in range(n_bad):
-        image, mask, _ = w.anomalous()
-        _save(image, cat / "test" / "ko" / f"{i:04d}{ext}")
-        _save(mask, cat / "ground_truth" / "ko" / f"{i:04d}.png")
+        w.anomalous(_saving(cat / "test" / "ko" / f"{i:04d}{ext}", cat / "ground_truth" / "ko" / f"{i:04d}.png"))
+
+
+def _visa_anomaly(image_path: Path, mask_path: Path, mask_value: int, image: Image.Image, mask: Image.Image) -> None:
+    """VisA's JPEG and its PNG mask valued `mask_value` (VisA numbers the defects of an image)."""
+    _save(image, image_path, format="JPEG", quality=95)
+    _save(Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * mask_value), mask_path)
 
 
 def _visa(root: Path, w: _Writer, n_train: int, n_good: int, n_bad: int) -> None:
-    images = root / w.category / "Data" / "Images"
     rows = []
-    (images / "Normal").mkdir(parents=True, exist_ok=True)
     for i in range(n_train + n_good):
         relative = f"{w.category}/Data/Images/Normal/{i:04d}.JPG"
-        w.normal().save(root / relative, format="JPEG", quality=95)
+        w.normal(root / relative, format="JPEG", quality=95)
         rows.append([w.category, "train" if i < n_train else "test", "normal", relative, ""])
-    (images / "Anomaly").mkdir(parents=True, exist_ok=True)
-    (root / w.category / "Data" / "Masks" / "Anomaly").mkdir(parents=True, exist_ok=True)
     for i in range(n_bad):
-        image, mask, _ = w.anomalous()
         relative = f"{w.category}/Data/Images/Anomaly/{i:03d}.JPG"
         mask_relative = f"{w.category}/Data/Masks/Anomaly/{i:03d}.png"
-        image.save(root / relative, format="JPEG", quality=95)
-        Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * (1 + i % 3)).save(root / mask_relative)
+        w.anomalous(partial(_visa_anomaly, root / relative, root / mask_relative, 1 + i % 3))
         rows.append([w.category, "test", "anomaly", relative, mask_relative])
     split_csv = root / "split_csv" / "1cls.csv"
     split_csv.parent.mkdir(parents=True, exist_ok=True)
@@ -220,13 +251,14 @@ def _visa(root: Path, w: _Writer, n_train: int, n_good: int, n_bad: int) -> None
 
 def _folder(root: Path, w: _Writer, n_train: int, n_good: int, n_bad: int) -> None:
     for i in range(n_train):
-        _save(w.normal(), root / "train" / "good" / f"{i:03d}.png")
+        w.normal(root / "train" / "good" / f"{i:03d}.png")
     for i in range(n_good):
-        _save(w.normal(), root / "test" / "good" / f"{i:03d}.png")
+        w.normal(root / "test" / "good" / f"{i:03d}.png")
     for i in range(n_bad):
-        image, mask, kind = w.anomalous(DEFECTS[i % 2])
-        _save(image, root / "test" / kind / f"{i:03d}.jpg")
-        _save(mask, root / "ground_truth" / kind / f"{i:03d}_mask.png")
+        kind = DEFECTS[i % 2]
+        w.anomalous(
+            _saving(root / "test" / kind / f"{i:03d}.jpg", root / "ground_truth" / kind / f"{i:03d}_mask.png"), kind
+        )
 
 
 _WRITERS: dict[str, Callable[[Path, _Writer, int, int, int], None]] = {
@@ -248,8 +280,12 @@ def write_synthetic(
     if family not in _WRITERS:
         raise ValueError(f"unknown family {family!r}; valid: {', '.join(FAMILIES)}")
     root = Path(root)
-    for category in categories:
-        _WRITERS[family](root, _Writer(category, image_size), n_train, n_test_good, n_test_bad)
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        writers = [_Writer(category, image_size, pool) for category in categories]
+        for writer in writers:
+            _WRITERS[family](root, writer, n_train, n_test_good, n_test_bad)
+        for writer in writers:
+            writer.wait()
     return root
 
 
