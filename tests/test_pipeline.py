@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import pytorch_lightning as pl
 
 from lit_anomaly.data import MVTecAD, MVTecLOCO, write_synthetic
 from lit_anomaly.models import PatchCore
@@ -22,6 +23,24 @@ def test_python_api_returns_what_report_json_holds(mvtec_root, tmp_path):
     assert not model.fitted  # the caller's instance is copied, never fitted in place
     by_type = report["per_category"]["tile"]["metrics_by_defect_type"]
     assert set(by_type) == {"scratch", "stain"} and by_type["scratch"]["image_auroc"] is not None
+
+
+def test_every_category_starts_from_the_same_detector(mvtec_root):
+    """With random weights, a category of an `all` run fits what a run of that category alone fits."""
+
+    def thresholds(category):
+        pl.seed_everything(0)  # what the command does before it builds the detector
+        report = run_benchmark(
+            model={"class_path": "PatchCore", "init_args": {"backbone": "efficientnet_lite0", "pretrained": False}},
+            data={"class_path": "MVTecAD", "init_args": {"root": str(mvtec_root), "image_size": 64, "num_workers": 0}},
+            category=category,
+            trainer={"accelerator": "cpu"},
+            run={"save": False},
+        )
+        return {name: result["threshold"] for name, result in report["per_category"].items()}
+
+    both = thresholds("all")
+    assert both["tile"] == thresholds("tile")["tile"] and both["carpet"] != both["tile"]
 
 
 def test_loco_reports_spro_and_logical_structural_separately(loco_root, tmp_path):
