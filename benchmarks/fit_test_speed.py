@@ -85,13 +85,14 @@ def decode_cpu_seconds(args: argparse.Namespace, root: Path) -> float:
 def measure(args: argparse.Namespace) -> dict:
     """One fit+test of ours, in this process."""
     import torch
-    from pytorch_lightning import Callback
+    from pytorch_lightning import Callback, seed_everything
     from pytorch_lightning.profilers import SimpleProfiler
 
     from lit_anomaly.data.base import keep_freed_memory
     from lit_anomaly.pipelines import run_benchmark_category
 
     keep_freed_memory()  # as the `lit-anomaly` command does for its process
+    seed_everything(0, verbose=False)  # as the command does too: repeats with --random-init measure one model
 
     class FirstBatchCallback(Callback):
         at: float | None = None  # on the class: the pipeline deep-copies callbacks
