@@ -205,7 +205,7 @@ def test_offline_download_failure_is_one_actionable_line(cli_root, capsys, monke
     def offline(*args, **kwargs):
         raise OSError("Name or service not known")
 
-    monkeypatch.setattr(torchvision.models, "get_model", offline)
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
     args = args_for(cli_root, "--data.category", "tile")
     args[args.index("efficientnet_lite0")] = "resnet18"
     code, _, error = run_cli(capsys, args)

@@ -18,6 +18,7 @@ from lit_anomaly.models.components import (
 )
 from lit_anomaly.models.components.backbones import (
     create_timm_model,
+    create_unset_timm_model,
     efficientnet_lite0_state_dict,
     load_backbone_weights,
 )
@@ -217,11 +218,20 @@ def test_weights_path_for_air_gapped_sites(tmp_path):
         FeatureExtractor("resnet18", weights_path=tmp_path / "absent.pth")
 
 
+def test_models_that_load_weights_are_built_without_random_initialisation():
+    """Loading overwrites every weight, so the model is built on the meta device (the air-gapped and pretrained
+    tests check what loads into it); one with buffers that no state dict holds (coatnet's relative position
+    indices) is built on the CPU."""
+    assert all(p.is_meta for p in create_unset_timm_model("test_resnet", features_only=True).parameters())
+    coatnet = create_unset_timm_model("test_coatnet", features_only=True)
+    assert not any(t.is_meta for t in (*coatnet.parameters(), *coatnet.buffers()))
+
+
 def test_pretrained_download_failure_says_what_works_offline(monkeypatch):
     def offline(*args, **kwargs):
         raise ConnectionError("network unreachable")
 
-    monkeypatch.setattr(torchvision.models, "get_model", offline)
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
     with pytest.raises(BackboneError, match="weights_path"):
         FeatureExtractor("resnet18", pretrained=True)
 

