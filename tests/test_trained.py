@@ -112,7 +112,7 @@ def cli_fit_test(root, out, *extra):
         sys.executable, "-m", "lit_anomaly", "fit+test", "--model", "ReverseDistillation",
         "--model.backbone", "efficientnet_lite0", "--data", "MVTecAD", "--data.root", str(root),
         "--data.category", "carpet", "--data.image_size", "[64,64]", "--data.num_workers", "0",
-        "--trainer.accelerator", "cpu", "--trainer.max_epochs", "5", "--run.output_dir", str(out), *extra,
+        "--trainer.accelerator", "cpu", "--trainer.max_epochs", "10", "--run.output_dir", str(out), *extra,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
@@ -121,7 +121,8 @@ def cli_fit_test(root, out, *extra):
 
 
 def test_two_process_ddp_training_ends_close_to_one_process(trained_root, tmp_path):
-    """Same global batch (8 = 2 x 4) and epochs, so the same number of global samples and steps."""
+    """Same global batch (8 = 2 x 4) and epochs, so the same number of global samples and steps; 10 epochs, where
+    both converge (after 5, seeds 0-2 ended up to 0.06 image AUROC apart, by the seed alone)."""
     single = cli_fit_test(trained_root, tmp_path / "one", "--data.train_batch_size", "8")
     ddp = ["--data.train_batch_size", "4", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
     distributed = cli_fit_test(trained_root, tmp_path / "ddp", *ddp)
