@@ -227,6 +227,23 @@ def test_models_that_load_weights_are_built_without_random_initialisation():
     assert not any(t.is_meta for t in (*coatnet.parameters(), *coatnet.buffers()))
 
 
+def test_a_backbone_with_fixed_size_attention_gives_its_features_at_its_size(tmp_path):
+    """coatnet's relative-position attention takes 160 px only: BatchNorm folding traces an example of that size,
+    and the image-size check names it."""
+    import timm
+
+    reference = timm.create_model("test_coatnet", features_only=True, out_indices=(2, 3)).eval()
+    torch.save(reference.state_dict(), tmp_path / "coatnet.pth")
+    extractor = FeatureExtractor("test_coatnet", layers=(2, 3), weights_path=tmp_path / "coatnet.pth")
+    images = torch.rand(2, 3, 160, 160, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _assert_features_close(extractor(images), reference((images - extractor.mean) / extractor.std))
+    model = PatchCore(backbone="test_coatnet", pretrained=False)
+    model.check_image_size((160, 160))
+    with pytest.raises(ValueError, match=r"--data.image_size \[64, 64\] does not fit .* takes 160 x 160 px"):
+        model.check_image_size((64, 64))
+
+
 def test_pretrained_download_failure_says_what_works_offline(monkeypatch):
     def offline(*args, **kwargs):
         raise ConnectionError("network unreachable")

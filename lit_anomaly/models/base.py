@@ -208,7 +208,7 @@ class AnomalyModule(pl.LightningModule):
             self.model.extractor.check_input_size(size)
         except RuntimeError as error:
             raise ValueError(
-                f"--data.image_size {list(size)} is too small for backbone {self.model.extractor.backbone!r}: "
+                f"--data.image_size {list(size)} does not fit backbone {self.model.extractor.backbone!r}: "
                 f"{str(error).splitlines()[0]}"
             ) from error
 

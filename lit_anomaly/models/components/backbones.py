@@ -164,7 +164,7 @@ class FeatureExtractor(nn.Module):
         self._drop_blocks_past_the_last_stage()
         replace_padded_copies(self.model)
         self.model.eval().requires_grad_(False)
-        example = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        example = torch.rand(1, 3, *(self.fixed_input_size or (64, 64)), generator=torch.Generator().manual_seed(0))
         self.folded: list[FoldedNorm] = fold_batchnorm(self.model, example)
         self.register_load_state_dict_pre_hook(_migrate_older_checkpoints)
         # oneDNN's convolutions, depthwise ones above all, run 1.3-1.6x faster on NHWC tensors (CPU and cuDNN)
@@ -202,9 +202,18 @@ class FeatureExtractor(nn.Module):
         self.model.eval()  # frozen: BatchNorm statistics never change
         return self
 
+    @property
+    def fixed_input_size(self) -> tuple[int, int] | None:
+        """The one (H, W) that a backbone with position-dependent attention (swin, coatnet, maxvit) takes; None for
+        the others."""
+        config = self.model.pretrained_cfg
+        return tuple(config["input_size"][-2:]) if config.get("fixed_input_size") else None
+
     def check_input_size(self, size: tuple[int, int]) -> None:
         """Run one blank image of `size` through the backbone, not padded to `canonical_batch` (an eighth of the
         cost); raises RuntimeError where the backbone cannot take that size."""
+        if self.fixed_input_size not in (None, tuple(size)):
+            raise RuntimeError(f"it takes {self.fixed_input_size[0]} x {self.fixed_input_size[1]} px images only")
         blank = torch.zeros(1, 3, *size, device=self.mean.device).contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             self.model(blank)
