@@ -244,6 +244,23 @@ def test_a_backbone_with_fixed_size_attention_gives_its_features_at_its_size(tmp
         model.check_image_size((64, 64))
 
 
+def test_channels_last_feature_models_give_channels_first_maps():
+    """timm's mambaout (like swin) returns (N, h, w, C) features; the teacher and STFPM's student give (N, C, h, w)."""
+    import timm
+
+    from lit_anomaly.models.components.student import StudentNetwork
+
+    reference = timm.create_model("test_mambaout", features_only=True, out_indices=(1, 2)).eval()
+    extractor = FeatureExtractor("test_mambaout", layers=(1, 2), pretrained=False, canonical_batch=None)
+    extractor.model.load_state_dict(reference.state_dict())
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = [f.permute(0, 3, 1, 2) for f in reference((images - extractor.mean) / extractor.std)]
+        _assert_features_close(extractor(images), want)
+        student = StudentNetwork(extractor, extractor.out_indices)(images)
+    assert [f.shape[1] for f in extractor(images)] == [f.shape[1] for f in student] == extractor.channels
+
+
 def test_pretrained_download_failure_says_what_works_offline(monkeypatch):
     def offline(*args, **kwargs):
         raise ConnectionError("network unreachable")

@@ -72,6 +72,14 @@ def create_timm_model(name: str, **kwargs: Any) -> nn.Module:
     return timm.create_model(name, **kwargs)
 
 
+def channels_first(features: list[Tensor], model: nn.Module) -> list[Tensor]:
+    """`model`'s feature maps as (N, C, h, w): timm's feature models of some architectures (swin, mambaout) return
+    (N, h, w, C), and say so in `output_fmt`."""
+    if getattr(model, "output_fmt", "NCHW") == "NHWC":
+        return [f.permute(0, 3, 1, 2) for f in features]
+    return features
+
+
 def create_unset_timm_model(name: str, **kwargs: Any) -> nn.Module:
     """A timm model whose weights are to be loaded: built on the meta device, without the random initialisation
     that loading overwrites (two of them, PyTorch's and timm's: 0.7 s for wide_resnet50_2). A model with
@@ -233,6 +241,6 @@ class FeatureExtractor(nn.Module):
             if len(part) < chunk:
                 part = torch.cat([part, part[-1:].expand(chunk - len(part), -1, -1, -1)])
             with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.is_cuda):
-                outputs.append(self.model(part))
+                outputs.append(channels_first(self.model(part), self.model))
         n = len(x)
         return [torch.cat([o[i] for o in outputs])[:n].float().contiguous() for i in range(len(self.channels))]

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from .backbones import FeatureExtractor, create_timm_model
+from .backbones import FeatureExtractor, channels_first, create_timm_model
 
 
 class StudentNetwork(nn.Module):
@@ -20,4 +20,4 @@ class StudentNetwork(nn.Module):
         self.register_buffer("std", teacher.std.clone())
 
     def forward(self, images: Tensor) -> list[Tensor]:
-        return self.model((images - self.mean) / self.std)
+        return channels_first(self.model((images - self.mean) / self.std), self.model)
