@@ -76,6 +76,16 @@ def test_calibrator_drops_repeats_and_names_its_sources():
     assert calibration.threshold == 3.0  # k = ceil(6 * 0.5) = 3
 
 
+def test_one_calibration_normal_gives_a_threshold_and_its_provenance():
+    """A 10% hold-out of 6-14 train images is one image; torchmetrics squeezes a one-element result to 0-d."""
+    calibrator = ThresholdCalibrator(0.995)
+    calibrator.update(torch.tensor([0.4]), torch.tensor([0]), SPLIT)
+    calibration = calibrator.compute(None, "hold-out")
+    assert calibration.threshold == pytest.approx(0.4) and calibration.false_alarm_bound == 0.5
+    assert calibration.provenance()["score_range"] == [pytest.approx(0.4)] * 2
+    assert Calibration.from_state(calibration.state()).scores.shape == (1,)
+
+
 def test_calibration_state_round_trips():
     calibration = conformal_threshold(torch.arange(10.0), 0.8, "k-fold:5")
     restored = Calibration.from_state(calibration.state())

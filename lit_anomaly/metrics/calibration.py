@@ -59,6 +59,7 @@ class Calibration:
     n: int
     rank: int | None
     false_alarm_bound: float | None
+    # sorted; 0-d for a single score where a torchmetrics compute returned it (it squeezes one-element tensors)
     scores: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.float64), repr=False)
     seconds: float = 0.0
 
@@ -74,7 +75,7 @@ class Calibration:
             "n": self.n,
             "rank": self.rank,
             "false_alarm_bound": self.false_alarm_bound,
-            "score_range": [float(self.scores.min()), float(self.scores.max())] if len(self.scores) else None,
+            "score_range": [float(self.scores.min()), float(self.scores.max())] if self.scores.numel() else None,
             "source": "rank rule k = ceil((n + 1) q) over out-of-sample scores of normal images",
         }
         if self.short_of_normals:
@@ -94,7 +95,7 @@ class Calibration:
     def state(self) -> dict[str, Any]:
         """Plain values for a checkpoint (no tensors but the scores)."""
         return {**{k: getattr(self, k) for k in ("threshold", "quantile", "method", "n", "rank")},
-                "false_alarm_bound": self.false_alarm_bound, "scores": self.scores.cpu()}  # fmt: skip
+                "false_alarm_bound": self.false_alarm_bound, "scores": self.scores.reshape(-1).cpu()}  # fmt: skip
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Calibration:
