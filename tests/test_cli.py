@@ -150,6 +150,7 @@ def test_failing_category_is_recorded_and_others_run(cli_root, tmp_path, capsys)
     assert report["per_category"]["tile"]["status"] == "ok"
     assert report["mean_metrics"]["image_auroc"] == report["per_category"]["tile"]["metrics"]["image_auroc"]
     assert json.loads((out / "categories" / "carpet" / "report.json").read_text())["status"] == "failed"
+    assert "Traceback" in (out / "categories" / "carpet" / "traceback.txt").read_text()  # for a bug report
 
 
 @pytest.mark.parametrize(

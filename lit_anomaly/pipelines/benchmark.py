@@ -8,6 +8,7 @@ import inspect
 import os
 import sys
 import time
+import traceback
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -480,10 +481,12 @@ def _run_categories(
                 cases = run.html_cases if run.html and run_dir else 0
                 result = run_benchmark_category(model, data, category, trainer, run_dir, checkpoint, cases)
                 records, artifacts = result.pop("records"), result.pop("artifacts")
-            except Exception as error:  # recorded; the other categories still run
-                result, records, artifacts = _failed(category, error), None, {}
+            except Exception as error:  # recorded, with its traceback for a bug report; the other categories still run
+                result, records = _failed(category, error), None
+                artifacts = {"traceback.txt": "".join(traceback.format_exception(error)).encode()}
                 if is_zero:
-                    console.print(f"[red]category {category} failed:[/red] {result['error']}")
+                    where = f" (traceback: {folder.category_dir(category) / 'traceback.txt'})" if run_dir else ""
+                    console.print(f"[red]category {category} failed:[/red] {result['error']}{where}", highlight=False)
             per_category[category] = result
             folder.write_category(result, records if run.per_image_jsonl else None, artifacts)
             folder.write_report(report(), None, None, run.html)  # what finished is on disk even if the run dies
