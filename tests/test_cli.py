@@ -141,6 +141,7 @@ def test_failing_category_is_recorded_and_others_run(cli_root, tmp_path, capsys)
     root = tmp_path / "data"
     shutil.copytree(cli_root, root)
     broken = root / "carpet" / "test" / "good" / "002.png"
+    original = broken.read_bytes()
     broken.write_bytes(b"not a png")
     out = tmp_path / "run"
     code, report, _ = run_cli(capsys, args_for(root, "--data.category", "all", "--run.output_dir", str(out)))
@@ -151,6 +152,10 @@ def test_failing_category_is_recorded_and_others_run(cli_root, tmp_path, capsys)
     assert report["mean_metrics"]["image_auroc"] == report["per_category"]["tile"]["metrics"]["image_auroc"]
     assert json.loads((out / "categories" / "carpet" / "report.json").read_text())["status"] == "failed"
     assert "Traceback" in (out / "categories" / "carpet" / "traceback.txt").read_text()  # for a bug report
+    broken.write_bytes(original)
+    code, report, _ = run_cli(capsys, args_for(root, "--data.category", "all", "--run.resume", str(out)))
+    assert code == 0 and report["per_category"]["carpet"]["status"] == "ok"
+    assert not (out / "categories" / "carpet" / "traceback.txt").exists()  # the retry's success replaces it
 
 
 @pytest.mark.parametrize(

@@ -281,6 +281,8 @@ class RunFolder:
         if not self.writable:
             return
         directory = self.category_dir(result["category"])
+        if result["status"] == "ok":
+            (directory / "traceback.txt").unlink(missing_ok=True)  # an earlier failure, retried by --run.resume
         for name, content in (files or {}).items():
             write_atomic(directory / name, content)
         if records is not None:
