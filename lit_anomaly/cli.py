@@ -9,13 +9,14 @@ import sys
 import traceback
 import warnings
 from collections.abc import Sequence
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import yaml
-from jsonargparse import ArgumentError
+from jsonargparse import ArgumentError, ArgumentParser, Namespace
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.cli import LightningCLI
 
@@ -28,6 +29,7 @@ from .pipelines.benchmark import (
     QUIET,
     TRAINER_DEFAULTS,
     RunConfig,
+    enabled_by,
     hold_out,
     model_spec,
     process_rank,
@@ -43,7 +45,9 @@ class AnomalyTrainer(pl.Trainer):
     """A Trainer that remembers its arguments, so the benchmark loop can build a fresh one per category."""
 
     def __init__(self, **kwargs: Any) -> None:
-        self.init_kwargs = kwargs
+        # Lightning appends its default callbacks to the list it is given: keep the caller's list as given
+        callbacks = kwargs.get("callbacks")
+        self.init_kwargs = {**kwargs, "callbacks": list(callbacks) if isinstance(callbacks, list) else callbacks}
         self.config_yaml: str | None = None
         self.benchmark_report: dict[str, Any] | None = None
         super().__init__(**kwargs)
@@ -88,6 +92,41 @@ def check_checkpoint(path: str | Path) -> None:
         raise CheckpointError(f"--ckpt_path {path} is a torch file but not a Lightning checkpoint (no state_dict)")
 
 
+def make_dumpable(parser: ArgumentParser, config: Namespace) -> None:
+    """Write str Enum members that YAML's safe dumper cannot write as their values, in place, where `config`
+    holds any and does not dump as it is. Such a member is the default of a str-typed argument (Lightning's
+    `Timer(interval=Interval.step)`), which takes the value just as well; Lightning's CLI dumps the config to
+    instantiate the model and failed. An Enum-typed argument, which jsonargparse writes by name, dumps as is
+    and keeps its member."""
+    if _has_str_enum(config):
+        try:
+            parser.dump(config, skip_none=False)
+        except (yaml.YAMLError, ValueError):  # jsonargparse wraps the dumper's error in its union check's
+            _enum_values(config)
+
+
+def _has_str_enum(value: Any) -> bool:
+    if isinstance(value, Namespace):
+        value = list(vars(value).values())
+    elif isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return any(_has_str_enum(item) for item in value)
+    return isinstance(value, Enum) and isinstance(value, str)
+
+
+def _enum_values(value: Any) -> Any:
+    if isinstance(value, Namespace):
+        for key, item in vars(value).items():
+            setattr(value, key, _enum_values(item))
+        return value
+    if isinstance(value, list):
+        return [_enum_values(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _enum_values(item) for key, item in value.items()}
+    return value.value if isinstance(value, Enum) and isinstance(value, str) else value
+
+
 SUBCOMMANDS = {**LightningCLI.subcommands(), FIT_TEST: {"model", "datamodule"}}
 
 
@@ -103,6 +142,7 @@ class LitAnomalyCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
+        make_dumpable(self._parser(self.subcommand), config)
         model_class = model_spec(config.model.class_path).cls if config.get("model") else None
         data_args = config.data.init_args if config.get("data") and config.data.get("init_args") else None
         if model_class is not None and data_args is not None and self.subcommand != FIT_TEST:
@@ -110,11 +150,12 @@ class LitAnomalyCLI(LightningCLI):
                 data_args[key] = value
         if self.subcommand == FIT_TEST:
             # the subcommand's own config, so `lit-anomaly fit+test --config config.yaml` reruns it
-            self._config_yaml = self._parser(FIT_TEST).dump(self.config[FIT_TEST], skip_none=False)
+            self._config_yaml = self._parser(FIT_TEST).dump(config, skip_none=False)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         config = self._get(self.config_init, "trainer", default={})
         strategy = config.get("strategy", "auto")
+        kwargs.update(enabled_by(config.get("callbacks")))
         if not self.model.trains_with_gradients:
             kwargs["strategy"] = frozen_ddp(strategy, config.get("devices", 1), config.get("num_nodes", 1))
         trainer = super().instantiate_trainer(**kwargs)

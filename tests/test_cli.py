@@ -158,6 +158,25 @@ def test_failing_category_is_recorded_and_others_run(cli_root, tmp_path, capsys)
     assert not (out / "categories" / "carpet" / "traceback.txt").exists()  # the retry's success replaces it
 
 
+def test_trainer_callbacks_from_the_command_line_run_and_the_saved_config_reruns(cli_root, tmp_path, capsys):
+    # our defaults switch checkpointing and the progress bar off, and Lightning had appended its own ModelCheckpoint
+    # to the callback list each category's Trainer copies; Timer's default is an Enum member YAML could not write
+    callbacks = ["Timer", "ModelCheckpoint", "RichProgressBar"]
+    flags = [f"--trainer.callbacks+=pytorch_lightning.callbacks.{name}" for name in callbacks]
+    out = tmp_path / "run"
+    code, report, err = run_cli(
+        capsys, args_for(cli_root, "--data.category", "carpet", "--run.output_dir", str(out), *flags)
+    )
+    assert code == 0 and report["per_category"]["carpet"]["status"] == "ok", err
+    assert "Testing" in err  # the progress bar asked for
+    saved = yaml.safe_load((out / "config.yaml").read_text())["trainer"]["callbacks"]
+    assert [c["class_path"].rsplit(".", 1)[1] for c in saved] == callbacks
+    assert saved[0]["init_args"]["interval"] == "step"
+    rerun = ["fit+test", "--config", str(out / "config.yaml"), "--run.output_dir", str(tmp_path / "rerun")]
+    code, again, err = run_cli(capsys, rerun)
+    assert code == 0 and again["per_category"]["carpet"]["metrics"] == report["per_category"]["carpet"]["metrics"], err
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

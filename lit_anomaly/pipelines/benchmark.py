@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 import yaml
 from PIL import Image
+from pytorch_lightning.callbacks import Checkpoint, ModelSummary, ProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -160,9 +161,25 @@ def process_rank() -> int:
     return int(os.environ.get("NODE_RANK", 0)) * 100_000 + int(os.environ.get("LOCAL_RANK", 0))
 
 
+# A callback that one of our defaults switches off switches it on again (Lightning refuses both): a user who
+# adds a progress bar or a checkpoint callback wants it, and cannot be expected to know our defaults.
+ENABLED_BY_CALLBACK = {
+    "enable_checkpointing": Checkpoint,
+    "enable_progress_bar": ProgressBar,
+    "enable_model_summary": ModelSummary,
+}
+
+
+def enabled_by(callbacks: Any) -> dict[str, bool]:
+    """The Trainer flags (`ENABLED_BY_CALLBACK`) that `callbacks` (one, a list or None) need switched on."""
+    callbacks = callbacks if isinstance(callbacks, Sequence) else [callbacks]
+    return {flag: True for flag, kind in ENABLED_BY_CALLBACK.items() if any(isinstance(c, kind) for c in callbacks)}
+
+
 def trainer_kwargs(trainer: Mapping[str, Any] | None) -> dict[str, Any]:
     """Our defaults under the caller's Trainer arguments (LightningCLI passes unset ones as None)."""
-    return {**TRAINER_DEFAULTS, **{k: v for k, v in (trainer or {}).items() if v is not None}}
+    given = {k: v for k, v in (trainer or {}).items() if v is not None}
+    return {**TRAINER_DEFAULTS, **given, **enabled_by(given.get("callbacks"))}
 
 
 def make_trainer(
