@@ -11,7 +11,7 @@ from torch import Tensor
 
 
 def nearest_neighbors(
-    queries: Tensor, bank: Tensor, k: int = 1, max_elements: int = 2**26, tile: tuple[int, int] = (256, 1024)
+    queries: Tensor, bank: Tensor, k: int = 1, max_elements: int = 2**26, tile: tuple[int, int] = (512, 1024)
 ) -> tuple[Tensor, Tensor]:
     """Euclidean distances (Q, k) and indices (Q, k) of the `k` nearest rows of `bank` for every query.
 
@@ -19,7 +19,8 @@ def nearest_neighbors(
     on shape, so a query's distances never depend on how many other queries came with it. The nearest
     neighbour alone (k = 1, every score) is reduced tile by tile, `tile` = (queries, bank rows), so the
     distances never leave the cache: the full distance matrix would be written to memory and read back,
-    which costs more than the products.
+    which costs more than the products. 512 queries a tile are 10-20 % faster than 256 on two AVX-512 cores
+    (152-1536 channels, 6k-16k bank rows); larger tiles gain no more.
     """
     bank = bank.to(queries.dtype)
     bank_norms = (bank * bank).sum(1)
@@ -58,7 +59,7 @@ def _nearest_tiled(
 
 
 def nearest_distances(
-    queries: Tensor, bank: Tensor, tile: tuple[int, int] = (256, 1024), bank_norms: Tensor | None = None
+    queries: Tensor, bank: Tensor, tile: tuple[int, int] = (512, 1024), bank_norms: Tensor | None = None
 ) -> Tensor:
     """Euclidean distance (Q,) of every query to its nearest bank row: `nearest_neighbors` with k = 1, without
     the indices that only the reweighting needs. `bank_norms`: the bank's squared row norms, if already known."""
