@@ -1,7 +1,9 @@
+import csv
 import json
 
 import pytest
 import pytorch_lightning as pl
+from pytorch_lightning.loggers import CSVLogger
 
 from lit_anomaly.data import MVTecAD, MVTecLOCO, write_synthetic
 from lit_anomaly.models import PatchCore
@@ -41,6 +43,23 @@ def test_every_category_starts_from_the_same_detector(mvtec_root):
 
     both = thresholds("all")
     assert both["tile"] == thresholds("tile")["tile"] and both["carpet"] != both["tile"]
+
+
+def test_a_logger_of_the_callers_holds_each_category_under_its_name_at_increasing_steps(mvtec_root, tmp_path):
+    logger = CSVLogger(tmp_path / "logs", name="run")
+    report = run_benchmark(
+        model=PatchCore(backbone="efficientnet_lite0"),
+        data=MVTecAD(mvtec_root, "all", image_size=64, num_workers=0),
+        trainer={"accelerator": "cpu", "logger": logger},
+        run={"save": False},
+    )
+    with open(tmp_path / "logs" / "run" / "version_0" / "metrics.csv") as file:
+        rows = list(csv.DictReader(file))
+    steps = [int(row["step"]) for row in rows]
+    assert steps == sorted(set(steps))  # loggers that want increasing steps keep every category
+    for category in ("carpet", "tile"):
+        logged = [float(row[f"{category}/test/image_auroc"]) for row in rows if row[f"{category}/test/image_auroc"]]
+        assert logged == pytest.approx([report["per_category"][category]["metrics"]["image_auroc"]])
 
 
 def test_loco_reports_spro_and_logical_structural_separately(loco_root, tmp_path):

@@ -35,6 +35,7 @@ from ..reporting.figures import overlay_png
 from ..reporting.html import select_hard_cases
 from ..reporting.run_folder import replace_atomic, sanitize
 from ..reporting.statistics import bootstrap_intervals
+from .shared_logger import SharedLogger, for_category, share
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "accelerator": "auto",
@@ -191,7 +192,7 @@ def make_trainer(
     if not trainable:
         kwargs["strategy"] = frozen_ddp(kwargs.get("strategy", "auto"), kwargs["devices"], kwargs.get("num_nodes", 1))
     callbacks = copy.deepcopy(list(kwargs.pop("callbacks", None) or []))
-    logger = kwargs.pop("logger", True)
+    logger = for_category(kwargs.pop("logger", True), category)
     if run_dir is not None and logger is True:
         logger = TensorBoardLogger(
             save_dir=run_dir / "tensorboard", name=sanitize(category), version="", default_hp_metric=False
@@ -429,11 +430,16 @@ def run_benchmark_all(
             return build_report(data.name, model.name, categories, ordered, run_dir, config, env, wall)
 
         folder.write_report(report(), config_yaml, None)  # resumable even if the first category never finishes
+        trainer = {**trainer, "logger": share(trainer["logger"])} if trainer and trainer.get("logger") else trainer
         _run_categories(model, data, categories, trainer, run, folder, per_category, report)
         final = report()
         folder.write_report(final, None, run.output, run.html)
     finally:
         folder.close()
+        logger = (trainer or {}).get("logger")
+        for shared in logger if isinstance(logger, list) else [logger]:
+            if isinstance(shared, SharedLogger):
+                shared.finalize("success")
     return final
 
 
