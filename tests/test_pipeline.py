@@ -62,6 +62,19 @@ def test_a_logger_of_the_callers_holds_each_category_under_its_name_at_increasin
         assert logged == pytest.approx([report["per_category"][category]["metrics"]["image_auroc"]])
 
 
+def test_a_fit_or_test_on_part_of_the_category_says_so_and_counts_what_the_metrics_are_over(mvtec_root):
+    report = run_benchmark(
+        model=PatchCore(backbone="efficientnet_lite0"),
+        data=MVTecAD(mvtec_root, "tile", image_size=64, train_batch_size=8, eval_batch_size=8, num_workers=0),
+        trainer={"accelerator": "cpu", "limit_train_batches": 2, "limit_test_batches": 2},
+        run={"save": False},
+    )
+    category = report["per_category"]["tile"]
+    assert category["counts"]["test"] == 16 and category["counts"]["test_anomalous"] == 4  # 12 good come first
+    assert category["notes"]["test_images"].startswith("metrics over 16 of 24 test images")
+    assert category["notes"]["train_batches"].startswith("fit on 2 of 4 train batches")
+
+
 def test_loco_reports_spro_and_logical_structural_separately(loco_root, tmp_path):
     report = run_benchmark(
         model={"class_path": "PatchCore", "init_args": {"backbone": "efficientnet_lite0"}},

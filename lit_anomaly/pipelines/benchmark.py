@@ -218,6 +218,21 @@ def save_checkpoint(trainer: pl.Trainer, path: Path) -> None:
         replace_atomic(temporary, path)
 
 
+def _limits(fit_batches: float, train_batches: int, scored: int, test_images: int) -> dict[str, str]:
+    """Notes for a fit or test that saw part of the category (--trainer.limit_*_batches, fast_dev_run)."""
+    notes = {}
+    if fit_batches < train_batches:
+        notes["train_batches"] = (
+            f"fit on {fit_batches} of {train_batches} train batches a rank (--trainer.limit_train_batches or "
+            "fast_dev_run); counts.train is the whole train split"
+        )
+    if scored < test_images:
+        notes["test_images"] = (
+            f"metrics over {scored} of {test_images} test images (--trainer.limit_test_batches or fast_dev_run)"
+        )
+    return notes
+
+
 def _per_image_records(
     datamodule: AnomalyDataModule, result: TestResult, threshold: float | None, category: str
 ) -> list[dict[str, Any]]:
@@ -287,6 +302,7 @@ def run_benchmark_category(
     lightning = make_trainer(trainer, run_dir, category, detector.trains_with_gradients)
     started = time.perf_counter()
     lightning.fit(detector, datamodule=datamodule)
+    train_batches = lightning.num_training_batches, len(lightning.train_dataloader or ())
     if detector.trains_with_gradients:  # the final weights score the held-out normals
         lightning.validate(detector, datamodule=datamodule, verbose=False)
     fitted = time.perf_counter()
@@ -297,7 +313,10 @@ def run_benchmark_category(
     lightning.test(detector, datamodule=datamodule, verbose=False)
     tested = time.perf_counter()
     result = detector.test_result
-    metrics, notes = dict(result.metrics), {**datamodule.data_notes, **result.notes}
+    test = datamodule.samples("test")
+    limits = _limits(*train_batches, len(result.label), len(test))
+    metrics, notes = dict(result.metrics), {**datamodule.data_notes, **limits, **result.notes}
+    warn += limits.values()
     if "masks_empty" in result.notes:
         warn.append(result.notes["masks_empty"])
     for line in filter(None, warn) if lightning.is_global_zero else ():
@@ -307,7 +326,6 @@ def run_benchmark_category(
         if why:
             notes["pixel_spro"] = why
     records = _per_image_records(datamodule, result, calibration.threshold, category)
-    test = datamodule.samples("test")
     try:
         cases, artifacts = _hard_cases(result, records, hard_cases if lightning.is_global_zero else 0)
     except Exception as error:  # pictures for the page must never cost the category its results
@@ -333,8 +351,8 @@ def run_benchmark_category(
         "counts": {
             "train": len(datamodule.samples("train")),
             "calibration": calibration.n,
-            "test": len(test),
-            "test_anomalous": sum(s.label == 1 for s in test),
+            "test": len(result.label),  # what the metrics are over
+            "test_anomalous": int(result.label.sum()),
         },
         "timing": {
             "fit_s": fitted - started - calibration.seconds,
