@@ -313,8 +313,7 @@ def run_benchmark_category(
     lightning.test(detector, datamodule=datamodule, verbose=False)
     tested = time.perf_counter()
     result = detector.test_result
-    test = datamodule.samples("test")
-    limits = _limits(*train_batches, len(result.label), len(test))
+    limits = _limits(*train_batches, len(result.label), len(datamodule.samples("test")))
     metrics, notes = dict(result.metrics), {**datamodule.data_notes, **limits, **result.notes}
     warn += limits.values()
     if "masks_empty" in result.notes:
@@ -439,6 +438,7 @@ def run_benchmark_all(
     env = environment(device=str(trainer_kwargs(trainer)["accelerator"]))
     run_dir = folder.path if run.save else None
     folder.open(resuming=bool(run.resume))
+    status = "failed"  # what a logger of the caller's is finalised with, unless the run ends
     try:
         per_category = folder.finished(categories) if run.resume else {}
 
@@ -452,12 +452,13 @@ def run_benchmark_all(
         _run_categories(model, data, categories, trainer, run, folder, per_category, report)
         final = report()
         folder.write_report(final, None, run.output, run.html)
+        status = "success"
     finally:
         folder.close()
         logger = (trainer or {}).get("logger")
         for shared in logger if isinstance(logger, list) else [logger]:
             if isinstance(shared, SharedLogger):
-                shared.finalize("success")
+                shared.finalize(status)
     return final
 
 
