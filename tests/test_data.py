@@ -257,6 +257,27 @@ def test_odd_image_modes_and_mask_sizes(tmp_path):
     assert batch["has_mask"].tolist() == [True] * 6 + [i == gray for i in range(6, 12)]
 
 
+def test_hidden_files_and_folders_are_not_data(tmp_path, family_roots):
+    """A Mac's AppleDouble `._NAME.png` beside each image (not a PNG) failed the category; Jupyter's
+    `.ipynb_checkpoints/` under test/ became a defect type."""
+    root = tmp_path / "mine"
+    shutil.copytree(family_roots["MVTecAD"] / "bottle", root)
+    for folder in (root / "train" / "good", root / "test" / "good", root / "test" / "scratch"):
+        for image in list(folder.iterdir()):
+            (folder / f"._{image.name}").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+        (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    shutil.copytree(root / "test" / "good", root / "test" / ".ipynb_checkpoints")
+    shutil.copytree(root / "test", root / ".ipynb_checkpoints" / "incoming")
+    dm = Folder(root, image_size=32, num_workers=0, calibration_fraction=0, eval_batch_size=16)
+    dm.setup()
+    assert len(dm.samples("train")) == 10
+    assert {s.defect_type for s in dm.samples("test")} == {"good", "scratch", "stain"}
+    assert len(torch.cat([b["label"] for b in batches(dm, "test")])) == 8  # every file decodes
+    dm = Folder(root, image_size=32, num_workers=0, predict_dir=root)
+    dm.setup("predict")
+    assert not any(part.startswith(".") for s in dm.samples("predict") for part in s.path.relative_to(root).parts)
+
+
 def test_folder_rejects_all(family_roots):
     with pytest.raises(DatasetError, match="not supported by Folder"):
         Folder(family_roots["Folder"], "all", num_workers=0).setup()

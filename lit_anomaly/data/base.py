@@ -35,11 +35,24 @@ class Sample:
     masks: tuple[Path, ...] = ()  # several masks (MVTec LOCO) are OR-ed together
 
 
+def is_hidden(path: Path) -> bool:
+    """A dot name: never data. Copies from a Mac to FAT or network drives leave a `._NAME.png` beside every
+    image (AppleDouble metadata, not a PNG), and Jupyter leaves `.ipynb_checkpoints/` folders of copies."""
+    return path.name.startswith(".")
+
+
 def list_images(folder: Path) -> list[Path]:
     """Image files directly inside `folder`, any supported extension in any case, sorted by name."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(p)
+    )
+
+
+def subfolders(folder: Path) -> list[Path]:
+    """The folders directly inside `folder`, sorted by name, hidden ones left out."""
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not is_hidden(p)) if folder.is_dir() else []
 
 
 def find_mask(folder: Path, stem: str, suffixes: Sequence[str] = ("_mask", "")) -> Path | None:
@@ -465,7 +478,11 @@ class AnomalyDataModule(pl.LightningDataModule):
         if not self.predict_dir.is_dir():
             raise DatasetError(f"--data.predict_dir {self.predict_dir} does not exist or is not a folder")
         images = [
-            p for p in sorted(self.predict_dir.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+            p
+            for p in sorted(self.predict_dir.rglob("*"))
+            if p.is_file()
+            and p.suffix.lower() in IMAGE_EXTENSIONS
+            and not any(part.startswith(".") for part in p.relative_to(self.predict_dir).parts)
         ]
         if not images:
             raise DatasetError(f"--data.predict_dir {self.predict_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")

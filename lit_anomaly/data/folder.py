@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import AnomalyDataModule, DatasetError, Sample, labelled_folder
+from .base import AnomalyDataModule, DatasetError, Sample, labelled_folder, subfolders
 
 NORMAL_NAMES = ("good", "normal", "ok")
 
 
 def _normal_folder(parent: Path) -> Path | None:
-    for child in sorted(parent.iterdir()) if parent.is_dir() else ():
-        if child.is_dir() and child.name.lower() in NORMAL_NAMES:
+    for child in subfolders(parent):
+        if child.name.lower() in NORMAL_NAMES:
             return child
     return None
 
@@ -59,6 +59,6 @@ class Folder(AnomalyDataModule):
             raise DatasetError(f"missing test folder {test_root}.\nExpected tree:\n{self.EXPECTED_TREE}")
         normal = _normal_folder(test_root)
         samples = labelled_folder(normal, 0, "good") if normal else []
-        for folder in sorted(p for p in test_root.iterdir() if p.is_dir() and p != normal):
+        for folder in (p for p in subfolders(test_root) if p != normal):
             samples += labelled_folder(folder, 1, folder.name, self.root / "ground_truth" / folder.name)
         return samples

@@ -9,13 +9,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .base import AnomalyDataModule, DatasetError, Sample, labelled_folder, list_images
+from .base import AnomalyDataModule, DatasetError, Sample, labelled_folder, list_images, subfolders
 
 
 def _test_folders(test_root: Path, mask_root: Path) -> list[Sample]:
     """`test/good` as normals, every other folder under `test/` as a defect type with masks in `mask_root`."""
     samples = labelled_folder(test_root / "good", 0, "good")
-    for folder in sorted(p for p in test_root.iterdir() if p.is_dir() and p.name != "good"):
+    for folder in (p for p in subfolders(test_root) if p.name != "good"):
         samples += labelled_folder(folder, 1, folder.name, mask_root / folder.name)
     return samples
 
@@ -45,7 +45,7 @@ class MVTecAD(AnomalyDataModule):
 def _discover(cls: type[AnomalyDataModule], root: Path) -> list[str]:
     if not root.is_dir():
         raise DatasetError(cls._missing_root_message(root))
-    found = sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
+    found = [p.name for p in subfolders(root) if (p / "train" / "good").is_dir()]
     if not found:
         raise DatasetError(f"no {cls.__name__} category found under {root}.\nExpected tree:\n{cls.EXPECTED_TREE}")
     return found

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from .base import AnomalyDataModule, DatasetError, Sample, labelled_folder
+from .base import AnomalyDataModule, DatasetError, Sample, labelled_folder, subfolders
 
 SPLIT_CSV = Path("split_csv") / "1cls.csv"
 CSV_COLUMNS = ("object", "split", "label", "image", "mask")
@@ -40,7 +40,7 @@ converted: <root>/<category>/{train/good,test/good,test/bad,ground_truth/bad}/""
             raise DatasetError(cls._missing_root_message(root))
         if (root / SPLIT_CSV).is_file():
             return sorted({row["object"] for row in _read_split_csv(root)})
-        found = sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
+        found = [p.name for p in subfolders(root) if (p / "train" / "good").is_dir()]
         if not found:
             raise DatasetError(f"no VisA category found under {root}.\nExpected tree:\n{cls.EXPECTED_TREE}")
         return found
