@@ -187,6 +187,18 @@ def test_trainer_callbacks_from_the_command_line_run_and_the_saved_config_reruns
         ({"data": "Folder", "extra": ["--data.category", "all"]}, "not supported by Folder"),
         ({"extra": ["--data.category", "tile", "--run.output", "/nonexistent/dir/r.json"]}, "/nonexistent/dir"),
         ({"extra": ["--data.category", "tile", "--model.calibration_quantile", "1.5"]}, "calibration_quantile"),
+        (
+            {"extra": ["--data.category", "tile", "--data.train_batch_size", "0"]},
+            "--data.train_batch_size must be a positive number",
+        ),
+        (
+            {"extra": ["--data.category", "tile", "--data.num_workers", "-1"]},
+            "--data.num_workers must be 0 (decode in-process) or more",
+        ),
+        (
+            {"extra": ["--data.category", "tile", "--model.blur_sigma", "-1"]},
+            "--model.blur_sigma must be 0 (no blur) or more px, got -1.0",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line(cli_root, capsys, change, message):

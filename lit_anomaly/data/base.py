@@ -330,9 +330,14 @@ class AnomalyDataModule(pl.LightningDataModule):
             raise DatasetError(f"--data.image_size must be [H, W] of at least 8 px, got {image_size}")
         if calibration_fraction is not None and not 0.0 <= calibration_fraction < 1.0:
             raise DatasetError(f"--data.calibration_fraction must be in [0, 1), got {calibration_fraction}")
-        for flag, value in (("limit_train", limit_train), ("limit_test", limit_test)):
+        for flag, value in (
+            ("limit_train", limit_train), ("limit_test", limit_test),
+            ("train_batch_size", train_batch_size), ("eval_batch_size", eval_batch_size),
+        ):  # fmt: skip
             if value is not None and value < 1:
                 raise DatasetError(f"--data.{flag} must be a positive number of images, got {value}")
+        if num_workers < 0:
+            raise DatasetError(f"--data.num_workers must be 0 (decode in-process) or more, got {num_workers}")
         self.train_batch_size = train_batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = min(num_workers, os.cpu_count() or 1)

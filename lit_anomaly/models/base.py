@@ -196,8 +196,11 @@ class AnomalyModule(pl.LightningModule):
             self.check_image_size(tuple(size))
 
     def check_image_size(self, size: tuple[int, int]) -> None:
-        """Fail before fitting, naming the flag, if the backbone or the map's blur cannot take `size`."""
+        """Fail before fitting, naming the flag, if the backbone or the map's blur cannot take `size` (or the
+        blur is negative, which would turn it off as silently as 0)."""
         sigma = getattr(self.model, "blur_sigma", 0.0)
+        if sigma < 0:
+            raise ValueError(f"--model.blur_sigma must be 0 (no blur) or more px, got {sigma}")
         needed = blur_kernel_size(sigma) // 2 + 1 if sigma > 0 else 1
         if min(size) < needed:
             raise ValueError(
