@@ -73,9 +73,9 @@ class CheckpointError(ValueError):
     """A --ckpt_path that is not a readable Lightning checkpoint; the message names the file."""
 
 
-def check_checkpoint(path: str | Path) -> None:
-    """Refuse, before anything runs, a checkpoint that is missing, a folder, truncated, empty, not a torch
-    file or not Lightning's. Loaded with weights_only=True: a pickle payload never runs."""
+def check_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint at `path`; refused, before anything runs, if missing, a folder, truncated, empty, not a
+    torch file or not Lightning's. Loaded with weights_only=True: a pickle payload never runs."""
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"--ckpt_path {path} does not exist")
@@ -90,6 +90,25 @@ def check_checkpoint(path: str | Path) -> None:
         ) from error
     if not isinstance(state, dict) or "state_dict" not in state or "pytorch-lightning_version" not in state:
         raise CheckpointError(f"--ckpt_path {path} is a torch file but not a Lightning checkpoint (no state_dict)")
+    return state
+
+
+def with_checkpoint_classes(args: list[str], checkpoint: dict[str, Any]) -> list[str]:
+    """`args` of `predict --ckpt_path` with the detector and the dataset family (its root, category and image
+    size) the checkpoint was fit with, where neither the command line nor a --config names them: on the line,
+    `lit-anomaly predict --ckpt_path detector.ckpt --data.predict_dir /incoming` is the whole command."""
+    if _flag_values(args, "--config"):
+        return args
+    classes, data_args = checkpoint.get("classes") or {}, checkpoint.get("datamodule_hyper_parameters") or {}
+    extra = ["--model", classes["model"]] if classes.get("model") and not _flag_values(args, "--model") else []
+    if classes.get("data") and not _flag_values(args, "--data"):
+        extra += ["--data", classes["data"]]
+        extra += [
+            f"--data.{key}={json.dumps(data_args[key])}"
+            for key in ("root", "category", "image_size")
+            if key in data_args
+        ]
+    return [args[0], *extra, *args[1:]]
 
 
 def make_dumpable(parser: ArgumentParser, config: Namespace) -> None:
@@ -276,8 +295,6 @@ def main(args: Sequence[str] | None = None) -> int:
     args = [a for a in args if a != "--verbose"]
     if args[:1] == ["compare"]:
         return _compare(args[1:], verbose)
-    if from_argv:  # LightningCLI reads sys.argv itself (and warns when given both)
-        sys.argv = [sys.argv[0], *args]
     json_stream = sys.stdout
     printing_config = any(a.startswith("--print_config") for a in args) or "-h" in args or "--help" in args
     if not printing_config:
@@ -287,7 +304,11 @@ def main(args: Sequence[str] | None = None) -> int:
             warnings.filterwarnings("ignore", message=pattern)
         _check_class_names(args)
         for path in _flag_values(args, "--ckpt_path"):  # LightningCLI reads it before any hook of ours runs
-            check_checkpoint(path)
+            checkpoint = check_checkpoint(path)
+            if args[0] == "predict":
+                args = with_checkpoint_classes(args, checkpoint)
+        if from_argv:  # LightningCLI reads sys.argv itself (and warns when given both)
+            sys.argv = [sys.argv[0], *args]
         cli = _cli(None if from_argv else args, args[0] if args else None)
     except SystemExit as exit_:  # --help (0); Lightning's graceful shutdown after Ctrl+C (1)
         if not exit_.code:

@@ -236,6 +236,23 @@ def test_fit_then_predict_writes_scores_and_submission_maps(tmp_path, capsys):
         assert set(thresholded.getdata()) <= {0, 255}
 
 
+def test_predict_on_the_line_needs_only_the_checkpoint_and_the_images(cli_root, tmp_path, capsys, monkeypatch):
+    root = shutil.copytree(cli_root, tmp_path / "data")
+    run = tmp_path / "run"
+    code, report, _ = run_cli(
+        capsys, args_for(root, "--data.category", "tile", "--run.output_dir", str(run), "--run.checkpoints", "true")
+    )
+    assert code == 0
+    checkpoint = shutil.copy(run / "categories" / "tile" / "detector.ckpt", tmp_path / "detector.ckpt")
+    incoming = shutil.copytree(root / "tile" / "test" / "good", tmp_path / "incoming")
+    shutil.rmtree(root)  # the line's PC has the detector, not the training data
+    monkeypatch.chdir(tmp_path)
+    args = ["predict", "--ckpt_path", str(checkpoint), "--data.predict_dir", str(incoming)]
+    assert main([*args, "--trainer.accelerator", "cpu", "--data.num_workers", "0"]) == 0, capsys.readouterr().err
+    lines = [json.loads(line) for line in (tmp_path / "predictions" / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and {line["threshold"] for line in lines} == {report["per_category"]["tile"]["threshold"]}
+
+
 def test_offline_download_failure_is_one_actionable_line(cli_root, capsys, monkeypatch):
     import torchvision
 

@@ -91,6 +91,10 @@ class TestResult:
     curves: dict[str, Any] = field(default_factory=dict)  # the PRO curve for plots, where masks exist
 
 
+def class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 class AnomalyModule(pl.LightningModule):
     """Shared lifecycle; a detector provides `learn`, `finish_fit`, `forward` and, to calibrate on its
     own train normals, `out_of_sample_scores`.
@@ -157,6 +161,11 @@ class AnomalyModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.calibration is not None:
             checkpoint["calibration"] = self.calibration.state()
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        checkpoint["classes"] = {  # what `lit-anomaly predict --ckpt_path` builds when not told
+            "model": class_path(type(self)),
+            "data": class_path(type(datamodule)) if datamodule is not None else None,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Fitted buffers (memory bank, Gaussians) have data-dependent shapes: take the checkpoint's."""
