@@ -165,6 +165,22 @@ def test_compare_refuses_runs_of_other_datasets(runs, tmp_path, capsys):
     assert "same dataset" in capsys.readouterr().err and not (tmp_path / "x.html").exists()
 
 
+def test_compare_refuses_an_output_it_cannot_write_before_reading_the_runs(runs, tmp_path, capsys, monkeypatch):
+    both = [str(runs["PatchCore"]), str(runs["PaDiM"])]
+    assert main(["compare", *both, "--output", str(tmp_path / "missing" / "x.html")]) == 2
+    assert "folder " + str(tmp_path / "missing") + " does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "missing").exists()  # it was created before
+    import lit_anomaly.reporting.compare as compare
+
+    def full_disk(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(compare, "write_atomic", full_disk)
+    assert main(["compare", *both, "--output", str(tmp_path / "x.html")]) == 2
+    error = capsys.readouterr().err
+    assert "cannot write the page: No space left on device" in error and "Traceback" not in error
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
 def test_chromium_renders_both_pages(runs, tmp_path):
     compare = tmp_path / "compare.html"

@@ -33,7 +33,7 @@ from ..models.base import TestResult, frozen_ddp
 from ..reporting import RunError, RunFolder, build_report, environment
 from ..reporting.figures import overlay_png
 from ..reporting.html import select_hard_cases
-from ..reporting.run_folder import replace_atomic, sanitize
+from ..reporting.run_folder import check_output_file, replace_atomic, sanitize
 from ..reporting.statistics import bootstrap_intervals
 from .shared_logger import SharedLogger, for_category, share
 
@@ -418,7 +418,8 @@ def run_benchmark_all(
         raise RunError(f"--run.html_cases must be 0 or more, got {run.html_cases}")
     is_zero = process_rank() == 0
     writes = is_zero and run.save
-    check_output_copy(run.output)
+    if run.output:  # writable before the run starts, not found wanting after it
+        check_output_file(run.output, "--run.output", "the report copy")
     if categories:
         _check_settings(model, data, categories[0])
     config = _plain(
@@ -475,19 +476,6 @@ def _check_settings(model: Spec, data: Spec, category: str) -> None:
     the datamodule's and detector's own checks, and whether the backbone takes the image size."""
     datamodule = data.build(category=category, **hold_out(model.cls, data.init_args))
     model.build().check_image_size(datamodule.image_size)
-
-
-def check_output_copy(output: str | None) -> None:
-    """`--run.output FILE` must be writable before the run starts, not found wanting after it."""
-    if not output:
-        return
-    path = Path(output).expanduser()
-    if path.is_dir():
-        raise RunError(f"--run.output {path} is a folder; expected a file path for the report copy")
-    if not path.parent.is_dir():
-        raise RunError(f"--run.output {path}: folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK):
-        raise RunError(f"--run.output {path}: folder {path.parent} is not writable")
 
 
 def _run_categories(

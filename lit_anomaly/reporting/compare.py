@@ -13,7 +13,7 @@ from typing import Any
 
 from .figures import RUN_COLOURS, Curve, curve_plot, roc_points
 from .html import figure, labelled, metric_cell, number, page, read_records, table
-from .run_folder import HEADLINE_METRICS, RunError, aggregate, sanitize, to_json, write_atomic
+from .run_folder import HEADLINE_METRICS, RunError, aggregate, check_output_file, sanitize, to_json, write_atomic
 from .statistics import delong_test, rank_summary
 
 
@@ -208,11 +208,12 @@ def main(args: Sequence[str]) -> int:
     options = parser.parse_args(list(args))
     if len(options.runs) < 2:
         raise RunError("compare needs at least two run folders")
+    output = check_output_file(options.output, "--output", "the HTML page")
     runs = [Run.load(path) for path in options.runs]
     document = comparison(runs)
-    output = Path(options.output).expanduser()
-    if output.is_dir():
-        raise RunError(f"--output {output} is a folder; expected a file path for the HTML page")
-    write_atomic(output, compare_page(runs, document))
+    try:
+        write_atomic(output, compare_page(runs, document))
+    except OSError as error:  # a full disk, or a folder that refuses files although access() allowed them
+        raise RunError(f"--output {output}: cannot write the page: {error.strerror or error}") from error
     print(to_json({**document, "output": str(output)}), end="")
     return 0

@@ -52,6 +52,18 @@ def temporary_beside(path: Path) -> Path:
     return Path(temporary)
 
 
+def check_output_file(path: str | Path, flag: str, what: str) -> Path:
+    """`path` for an output file given by `flag`, refused before any work if it cannot be written there."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise RunError(f"{flag} {path} is a folder; expected a file path for {what}")
+    if not path.parent.is_dir():
+        raise RunError(f"{flag} {path}: folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise RunError(f"{flag} {path}: folder {path.parent} is not writable")
+    return path
+
+
 def write_atomic(path: Path, data: str | bytes | Callable[[Path], None]) -> None:
     """Write `data` (or let `data(temporary_path)` write) via a temporary file in the same folder, fsync and
     rename: readers never see half a file."""
