@@ -27,10 +27,10 @@ class SharedLogger:
     """One run's logger, handed to each category's Trainer as a `CategoryLogger`.
 
     Each category's Trainer counts its steps from 0 and logs the same metric names, so a logger handed to all
-    of them as it is gets one category's `test/image_auroc` over another's at the same step: CSVLogger writes
-    rows nobody can attribute, and loggers that want increasing steps (Weights & Biases) drop the later
-    categories. Through this, each category logs under its name, at steps after the previous category's, and
-    the logger is finalised once, after the last category.
+    of them as it is gets one category's `test/image_auroc` over another's at the same step: CSVLogger wrote
+    rows nobody could attribute, and a logger with one series per name (TensorBoard, MLflow) mixes the
+    categories in it. Through this, each category logs under its name, at steps after the previous
+    category's (so no logger sees a step go back), and the logger is finalised once, after the last one.
 
     Args:
         logger: the caller's logger.
