@@ -135,6 +135,25 @@ def test_output_copy_that_is_a_folder_fails_before_fitting(root, tmp_path, capsy
     assert not out.exists()
 
 
+def test_output_copy_that_cannot_be_written_after_the_run_says_where_the_results_are(
+    root, tmp_path, capsys, monkeypatch
+):
+    import lit_anomaly.reporting.run_folder as run_folder
+
+    copy = tmp_path / "copy.json"
+
+    def disk_full_for_the_copy(path, data):
+        if Path(path) == copy:
+            raise OSError(28, "No space left on device")
+        write_atomic(path, data)
+
+    monkeypatch.setattr(run_folder, "write_atomic", disk_full_for_the_copy)
+    out = tmp_path / "run"
+    args = base_args(root, "--data.category", "carpet", "--run.output_dir", str(out), "--run.output", str(copy))
+    fails(capsys, args, 2, "--run.output", "No space left on device", f"the run's results are in {out}")
+    assert json.loads((out / "report.json").read_text())["per_category"]["carpet"]["status"] == "ok"
+
+
 # ---- checkpoints ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def checkpoint(root, tmp_path_factory) -> Path:

@@ -313,7 +313,13 @@ class RunFolder:
         if config_yaml is not None:
             write_atomic(self.path / "config.yaml", config_yaml)
         if copy_to:
-            write_atomic(Path(copy_to), to_json(report))
+            try:
+                write_atomic(Path(copy_to), to_json(report))
+            except OSError as error:  # checked before the run, yet a disk fills or a mount goes away
+                raise RunError(
+                    f"--run.output {copy_to}: cannot write the report copy ({error.strerror or error}); the run's "
+                    f"results are in {self.path}"
+                ) from error
 
 
 def build_report(
