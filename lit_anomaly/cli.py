@@ -93,13 +93,18 @@ def check_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def with_checkpoint_classes(args: list[str], checkpoint: dict[str, Any]) -> list[str]:
+def with_checkpoint_classes(args: list[str], path: str, checkpoint: dict[str, Any]) -> list[str]:
     """`args` of `predict --ckpt_path` with the detector and the dataset family (its root, category and image
     size) the checkpoint was fit with, where neither the command line nor a --config names them: on the line,
     `lit-anomaly predict --ckpt_path detector.ckpt --data.predict_dir /incoming` is the whole command."""
     if _flag_values(args, "--config"):
         return args
     classes, data_args = checkpoint.get("classes") or {}, checkpoint.get("datamodule_hyper_parameters") or {}
+    if not classes and not (_flag_values(args, "--model") and _flag_values(args, "--data")):
+        raise CheckpointError(
+            f"--ckpt_path {path} does not name its detector and dataset classes (lit-anomaly before 0.2): give "
+            "--config, or --model and --data, as when it was fit"
+        )
     extra = ["--model", classes["model"]] if classes.get("model") and not _flag_values(args, "--model") else []
     if classes.get("data") and not _flag_values(args, "--data"):
         extra += ["--data", classes["data"]]
@@ -306,7 +311,7 @@ def main(args: Sequence[str] | None = None) -> int:
         for path in _flag_values(args, "--ckpt_path"):  # LightningCLI reads it before any hook of ours runs
             checkpoint = check_checkpoint(path)
             if args[0] == "predict":
-                args = with_checkpoint_classes(args, checkpoint)
+                args = with_checkpoint_classes(args, path, checkpoint)
         if from_argv:  # LightningCLI reads sys.argv itself (and warns when given both)
             sys.argv = [sys.argv[0], *args]
         cli = _cli(None if from_argv else args, args[0] if args else None)
