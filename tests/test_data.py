@@ -328,6 +328,25 @@ def test_decode_cache_serves_a_second_run_and_misses_changed_files(family_roots,
         batches(make("MVTecAD", root, cache_dir=tmp_path / "cache", image_size=24), "test")
 
 
+def test_a_cache_folder_that_cannot_be_made_is_refused_and_a_full_one_costs_nothing(
+    family_roots, tmp_path, monkeypatch
+):
+    root = family_roots["MVTecAD"]
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    with pytest.raises(DatasetError, match=f"--data.cache_dir {not_a_folder}: cannot create the folder"):
+        make("MVTecAD", root, cache_dir=not_a_folder)
+    import lit_anomaly.data.cache as cache
+
+    def disk_full(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache, "write_atomic", disk_full)
+    uncached = batches(make("MVTecAD", root), "test")
+    for a, b in zip(uncached, batches(make("MVTecAD", root, cache_dir=tmp_path / "cache"), "test"), strict=True):
+        assert torch.equal(a["image"], b["image"])
+
+
 ADAM7 = ((0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2), (1, 0, 2, 1))
 
 

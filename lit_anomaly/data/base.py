@@ -349,7 +349,12 @@ class AnomalyDataModule(pl.LightningDataModule):
         if max_image_pixels < 1:
             raise DatasetError(f"--data.max_image_pixels must be a positive number of pixels, got {max_image_pixels}")
         self.max_image_pixels = max_image_pixels
-        self.cache = DecodeCache(cache_dir) if cache_dir else None
+        try:
+            self.cache = DecodeCache(cache_dir) if cache_dir else None
+        except OSError as error:
+            raise DatasetError(
+                f"--data.cache_dir {cache_dir}: cannot create the folder ({error.strerror or error})"
+            ) from error
         self.hparams.update(cache_dir=str(cache_dir) if cache_dir else None)
         self.splits: dict[str, list[Sample]] = {}
         self.data_notes: dict[str, str] = {}  # oddities found in the files: resized or missing masks

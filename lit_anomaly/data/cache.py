@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 
@@ -18,6 +19,7 @@ class DecodeCache:
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder).expanduser()
+        self.folder.mkdir(parents=True, exist_ok=True)  # OSError here: the caller names its flag
 
     def _entry(self, files: tuple[Path, ...], size: tuple[int, int]) -> Path:
         parts: list[object] = [CACHE_VERSION, tuple(size)]
@@ -39,4 +41,5 @@ class DecodeCache:
             with open(path, "wb") as stream:
                 np.savez(stream, image=image, mask=mask)
 
-        write_atomic(self._entry(files, size), save)
+        with contextlib.suppress(OSError):  # a full disk costs the cache an entry, never the run
+            write_atomic(self._entry(files, size), save)
