@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sys
 import traceback
 import warnings
@@ -19,6 +20,7 @@ import yaml
 from jsonargparse import ArgumentError, ArgumentParser, Namespace
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from .callbacks import PredictionWriter
 from .data import DATAMODULES, AnomalyDataModule, DatasetError
@@ -39,6 +41,7 @@ from .pipelines.benchmark import (
 from .reporting import RunError
 
 FIT_TEST = "fit+test"
+KEPT = "finished categories are kept in the run folder (--run.resume DIR continues)"
 
 
 class AnomalyTrainer(pl.Trainer):
@@ -315,12 +318,14 @@ def main(args: Sequence[str] | None = None) -> int:
         if from_argv:  # LightningCLI reads sys.argv itself (and warns when given both)
             sys.argv = [sys.argv[0], *args]
         cli = _cli(None if from_argv else args, args[0] if args else None)
+    except SIGTERMException:  # a SystemExit without a code: re-raised, it ended the process with status 0
+        return _fail(f"terminated (SIGTERM); {KEPT}", 128 + signal.SIGTERM)
     except SystemExit as exit_:  # --help (0); Lightning's graceful shutdown after Ctrl+C (1)
         if not exit_.code:
             raise
-        return _fail("interrupted; finished categories are kept in the run folder (--run.resume DIR continues)", 130)
+        return _fail(f"interrupted; {KEPT}", 130)
     except KeyboardInterrupt:
-        return _fail("interrupted; finished categories are kept in the run folder (--run.resume DIR continues)", 130)
+        return _fail(f"interrupted; {KEPT}", 130)
     except INPUT_ERRORS as error:
         return _fail(_message(error, args), 2, error if verbose else None)
     except Exception as error:

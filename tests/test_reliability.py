@@ -16,10 +16,11 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from lit_anomaly.cli import main
 from lit_anomaly.data import write_synthetic
-from lit_anomaly.pipelines.benchmark import save_checkpoint
+from lit_anomaly.pipelines.benchmark import save_checkpoint, stopping_on_signals
 from lit_anomaly.reporting.run_folder import write_atomic
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -354,18 +355,19 @@ def test_two_runs_into_one_folder_the_second_is_refused(root, tmp_path):
     assert set(report["per_category"]) == {"carpet", "tile"}
 
 
-@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
 def test_interrupted_run_resumes_to_the_same_report(root, tmp_path, how):
+    """SIGTERM (a scheduler's stop) within a Trainer's loop ended the command with status 0 and no output."""
     out = tmp_path / "run"
     args = base_args(root, "--data.category", "all", "--run.output_dir", str(out))
     process = subprocess_run(args)
     wait_for(out / "report.json")  # written before the first category is fitted
-    if how == signal.SIGINT:
+    if how != signal.SIGKILL:
         wait_for(out / "categories" / "carpet" / "report.json")
     process.send_signal(how)
     _, err = process.communicate(timeout=300)
-    assert process.returncode != 0
-    if how == signal.SIGINT:
+    assert process.returncode == {signal.SIGKILL: -9, signal.SIGINT: 130, signal.SIGTERM: 143}[how], err[-2000:]
+    if how != signal.SIGKILL:
         assert "Traceback" not in err and "--run.resume" in err
     finished = json.loads((out / "report.json").read_text())
     assert set(finished["per_category"]) <= {"carpet"}
@@ -375,6 +377,23 @@ def test_interrupted_run_resumes_to_the_same_report(root, tmp_path, how):
     report = json.loads(stdout)
     assert set(report["per_category"]) == {"carpet", "tile"}
     assert all(r["status"] == "ok" for r in report["per_category"].values())
+
+
+@pytest.mark.parametrize(("signum", "stop"), [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, SIGTERMException)])
+def test_a_signal_that_a_c_extension_disguises_still_stops_the_loop(signum, stop):
+    """matplotlib's C++ reported Ctrl+C during a figure as its own TypeError: a failed category, or exit 1."""
+    before = signal.getsignal(signal.SIGTERM)
+
+    def drawing():  # what pybind11 does with an exception raised while it converts arguments
+        try:
+            os.kill(os.getpid(), signum)
+            time.sleep(5)
+        except BaseException as error:
+            raise TypeError("affine_transform(): incompatible function arguments") from error
+
+    with pytest.raises(stop), stopping_on_signals() as stopped:
+        drawing()
+    assert stopped == [signum] and signal.getsignal(signal.SIGTERM) is before
 
 
 def test_config_yaml_of_a_run_reruns_it(root, tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import random
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -151,12 +152,14 @@ LOADER_WORKER_NICENESS = 10
 
 
 def init_loader_worker(worker_id: int = 0) -> None:
-    """A DataLoader worker's settings: freed buffers stay in its heap (`keep_freed_memory`), and it decodes at a
-    lower CPU priority (nice +10) than the process that runs the model. Where the threads that want a core
-    outnumber the cores (two workers and two intra-op threads on two), a preempted intra-op thread stalls its
-    partner in every parallel kernel; ranked lower, the workers take the time the model leaves instead (the
-    high-resolution preset on 2 cores: 31.1 -> 29.5 s, 2.5 CPU-s fewer). Idle cores still go to the workers."""
+    """A DataLoader worker's settings: freed buffers stay in its heap (`keep_freed_memory`), SIGTERM ends it as
+    by default, and it decodes at a lower CPU priority (nice +10) than the process that runs the model. Where
+    the threads that want a core outnumber the cores (two workers and two intra-op threads on two), a
+    preempted intra-op thread stalls its partner in every parallel kernel; ranked lower, the workers take the
+    time the model leaves instead (the high-resolution preset on 2 cores: 31.1 -> 29.5 s, 2.5 CPU-s fewer).
+    Idle cores still go to the workers."""
     keep_freed_memory()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the command's handler (__main__.py) is for the main process
     if hasattr(os, "nice"):  # POSIX; raising one's own niceness needs no privilege
         os.nice(LOADER_WORKER_NICENESS)
 

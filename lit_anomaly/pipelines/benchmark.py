@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import inspect
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ import yaml
 from PIL import Image
 from pytorch_lightning.callbacks import Checkpoint, ModelSummary, ProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -450,9 +454,10 @@ def run_benchmark_all(
 
         folder.write_report(report(), config_yaml, None)  # resumable even if the first category never finishes
         trainer = {**trainer, "logger": share(trainer["logger"])} if trainer and trainer.get("logger") else trainer
-        _run_categories(model, data, categories, trainer, run, folder, per_category, report)
-        final = report()
-        folder.write_report(final, None, run.output, run.html)
+        with stopping_on_signals() as stopped:
+            _run_categories(model, data, categories, trainer, run, folder, per_category, report, stopped)
+            final = report()
+            folder.write_report(final, None, run.output, run.html)
         status = "success"
     finally:
         folder.close()
@@ -478,6 +483,37 @@ def _check_settings(model: Spec, data: Spec, category: str) -> None:
     model.build().check_image_size(datamodule.image_size)
 
 
+@contextlib.contextmanager
+def stopping_on_signals() -> Iterator[list[int]]:
+    """SIGINT and SIGTERM (a scheduler's stop) end the category loop as KeyboardInterrupt and Lightning's
+    SIGTERMException, and the signal is remembered (the yielded list).
+
+    Remembered, because C extensions turn an exception raised while they run into their own: matplotlib's
+    drawing reported Ctrl+C as "TypeError: affine_transform(): incompatible function arguments", which must
+    neither pass for a failed category (and the loop go on) nor end the command as a fault. SIGTERM between
+    categories, where no Trainer listens for it, ended the process without a word. Only the main thread can
+    take signals; elsewhere this changes nothing."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt if signum == signal.SIGINT else SIGTERMException
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    except BaseException as error:
+        if received and not isinstance(error, KeyboardInterrupt | SIGTERMException):
+            raise (KeyboardInterrupt() if received[0] == signal.SIGINT else SIGTERMException()) from error
+        raise
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def _run_categories(
     model: Spec,
     data: Spec,
@@ -487,6 +523,7 @@ def _run_categories(
     folder: RunFolder,
     per_category: dict[str, dict],
     report: Any,
+    stopped: list[int],
 ) -> None:
     run_dir = folder.path if run.save else None
     console = Console(stderr=True)
@@ -512,6 +549,8 @@ def _run_categories(
                 result = run_benchmark_category(model, data, category, trainer, run_dir, checkpoint, cases)
                 records, artifacts = result.pop("records"), result.pop("artifacts")
             except Exception as error:  # recorded, with its traceback for a bug report; the other categories still run
+                if stopped:  # a signal's exception, disguised by a C extension
+                    raise
                 result, records = _failed(category, error), None
                 artifacts = {"traceback.txt": "".join(traceback.format_exception(error)).encode()}
                 if is_zero:
