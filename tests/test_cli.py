@@ -104,6 +104,12 @@ def test_all_categories_aggregate_and_output_copy(cli_root, tmp_path, capsys):
         assert detector.calibrated_threshold == pytest.approx(report["per_category"][category]["threshold"])
 
 
+def test_a_list_of_categories_runs_those_in_its_order(cli_root, capsys):
+    code, report, _ = run_cli(capsys, args_for(cli_root, "--data.category", "tile, carpet,tile", "--run.save", "false"))
+    assert code == 0 and report["categories"] == ["tile", "carpet"]
+    assert all(result["status"] == "ok" for result in report["per_category"].values())
+
+
 def test_default_run_folder_is_named_and_never_reused(cli_root, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     first = run_cli(capsys, args_for(cli_root, "--data.category", "tile", "--run.per_image_jsonl", "false"))[1]
@@ -183,6 +189,7 @@ def test_trainer_callbacks_from_the_command_line_run_and_the_saved_config_reruns
         ({"model": "PatchKore"}, "unknown --model 'PatchKore'; valid: PatchCore, PaDiM"),
         ({"data": "MVTec"}, "unknown --data 'MVTec'; valid: MVTecAD, MVTecAD2"),
         ({"extra": ["--data.category", "bottel"]}, "unknown MVTecAD category 'bottel'; valid: carpet, tile"),
+        ({"extra": ["--data.category", "tile,bottel"]}, "unknown MVTecAD category 'bottel'; valid: carpet, tile"),
         ({"root": "/nonexistent/mvtec", "extra": ["--data.category", "all"]}, "/nonexistent/mvtec does not exist"),
         ({"data": "Folder", "extra": ["--data.category", "all"]}, "not supported by Folder"),
         ({"extra": ["--data.category", "tile", "--run.output", "/nonexistent/dir/r.json"]}, "/nonexistent/dir"),

@@ -284,7 +284,8 @@ class AnomalyDataModule(pl.LightningDataModule):
 
     Args:
         root: folder that holds the dataset's categories, laid out as distributed.
-        category: category folder name under root; `all` (fit+test only) runs every category in turn.
+        category: category folder name under root; with fit+test also `all` (every category in turn) or a
+            comma-separated list (`bottle,cable`).
         image_size: model input size [H, W] in pixels (or one int for square), at least 8; images and
             masks are resized to it.
         train_batch_size: images per batch while fitting.

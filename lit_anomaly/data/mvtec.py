@@ -56,7 +56,7 @@ class MVTecAD2(AnomalyDataModule):
 
     Args:
         root: folder that holds the categories, laid out as distributed.
-        category: category folder name under root, or `all` (fit+test only).
+        category: category folder name under root; with fit+test also `all` or a list such as `bottle,cable`.
         predict_split: what `predict` scores: test_public, test_private or test_private_mixed.
         **kwargs: the arguments every datamodule takes (image_size, batch sizes, limits, ...).
     """

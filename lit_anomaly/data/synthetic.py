@@ -294,7 +294,7 @@ class SyntheticMVTecAD(MVTecAD):
 
     Args:
         root: where the synthetic categories are written on first use (default ~/.cache/lit-anomaly/demo).
-        category: carpet, tile or `all`.
+        category: carpet, tile, `all` or `carpet,tile`.
         **kwargs: the arguments every datamodule takes (image_size, batch sizes, limits, ...).
     """
 

@@ -583,7 +583,8 @@ def run_benchmark(
     """One benchmark run; returns the dict written to report.json.
 
     `model` and `data` are names, classes, {class_path, init_args} dicts or instances (each category
-    gets a fresh copy); `category` defaults to the datamodule's own and may be "all".
+    gets a fresh copy); `category` defaults to the datamodule's own and may be "all" or a comma-separated
+    list ("bottle,cable").
     """
     model, data = model_spec(model), data_spec(data)
     defaults = inspect.signature(data.cls).parameters  # Folder's category, the demo's root
@@ -596,11 +597,14 @@ def run_benchmark(
         if issubclass(data.cls, Folder):
             raise DatasetError("--data.category all is not supported by Folder: a folder holds one category")
         categories = data.cls.categories(root)
+    elif issubclass(data.cls, Folder):
+        categories = [category]  # only names the results
     else:
-        if not issubclass(data.cls, Folder):
-            valid = data.cls.categories(root)
-            if category not in valid:
-                raise DatasetError(f"unknown {data.name} category {category!r}; valid: {', '.join(valid)}")
-        categories = [category]
+        categories = list(dict.fromkeys(name.strip() for name in category.split(",") if name.strip()))
+        valid = data.cls.categories(root)
+        unknown = [name for name in categories if name not in valid] or ([] if categories else [category])
+        if unknown:
+            names = ", ".join(map(repr, unknown))
+            raise DatasetError(f"unknown {data.name} category {names}; valid: {', '.join(valid)}")
     data.instance = None  # a datamodule instance only carries init args: every category gets a fresh one
     return run_benchmark_all(model, data, categories, trainer, run, config_yaml)
