@@ -72,6 +72,7 @@ def fails(capsys, args, status, *culprits) -> str:
         (["--model.calibration_quantile", "0.9", "--model.contamination", "0.05"], ["quantile", "contamination"]),
         (["--model.calibration", "k-fold:1"], ["--model.calibration", "k-fold:1"]),
         (["--model.coreset_ratio", "0"], ["--model.coreset_ratio"]),
+        (["--model.reweight", "true", "--model.num_neighbors", "1"], ["--model.num_neighbors", "got 1"]),
         (["--data.image_size", "[8,8]"], ["--data.image_size", "[8, 8]"]),
         (["--data.image_size", "abc"], ["--data.image_size", "abc"]),
         (["--data.limit_test", "0"], ["--data.limit_test"]),

@@ -70,6 +70,11 @@ class PatchCore(AnomalyModule):
             raise ValueError(f"--model.calibration_max_images must be 1 or more, or null; got {calibration_max_images}")
         if not 0.0 < coreset_ratio <= 1.0:
             raise ValueError(f"--model.coreset_ratio must be in (0, 1], got {coreset_ratio}")
+        if reweight and num_neighbors < 2:  # one neighbour weighs every score to 0; none failed on an index
+            raise ValueError(
+                f"--model.num_neighbors must be 2 or more with --model.reweight true (the weight compares the "
+                f"nearest bank patch with its neighbours), got {num_neighbors}"
+            )
         if coreset_block_size is not None and coreset_block_size < 1:
             raise ValueError(
                 f"--model.coreset_block_size must be a positive number of patches or null, got {coreset_block_size}"
