@@ -33,7 +33,7 @@ from ..callbacks import TensorBoardArtifacts
 from ..data import DATAMODULES, AnomalyDataModule, DatasetError, Folder
 from ..metrics import au_spro, image_metrics
 from ..models import MODELS, AnomalyModule
-from ..models.base import TestResult, frozen_ddp
+from ..models.base import TestResult, class_path, frozen_ddp
 from ..reporting import RunError, RunFolder, build_report, environment
 from ..reporting.figures import overlay_png
 from ..reporting.html import select_hard_cases
@@ -117,7 +117,7 @@ class Spec:
         return copy.deepcopy(self.instance)
 
     def as_config(self) -> dict[str, Any]:
-        return {"class_path": f"{self.cls.__module__}.{self.cls.__qualname__}", "init_args": self.init_args}
+        return {"class_path": class_path(self.cls), "init_args": self.init_args}
 
 
 def _resolve_class(name: str, registry: Mapping[str, type], base: type, flag: str) -> type:
