@@ -488,15 +488,18 @@ class AnomalyDataModule(pl.LightningDataModule):
             )
         return notes
 
+    def _in_hidden(self, path: Path) -> bool:
+        """`path` under `predict_dir` is hidden, or lies in a hidden folder there (`is_hidden`)."""
+        relative = path.relative_to(self.predict_dir)
+        return any(is_hidden(part) for part in (relative, *relative.parents))
+
     def _predict_dir_samples(self) -> list[Sample]:
         if not self.predict_dir.is_dir():
             raise DatasetError(f"--data.predict_dir {self.predict_dir} does not exist or is not a folder")
         images = [
             p
             for p in sorted(self.predict_dir.rglob("*"))
-            if p.is_file()
-            and p.suffix.lower() in IMAGE_EXTENSIONS
-            and not any(part.startswith(".") for part in p.relative_to(self.predict_dir).parts)
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not self._in_hidden(p)
         ]
         if not images:
             raise DatasetError(f"--data.predict_dir {self.predict_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
