@@ -39,7 +39,7 @@ from ..reporting.figures import overlay_png
 from ..reporting.html import select_hard_cases
 from ..reporting.run_folder import check_output_file, replace_atomic, sanitize
 from ..reporting.statistics import bootstrap_intervals
-from .shared_logger import SharedLogger, for_category, share
+from .shared_logger import finalize, for_category, share
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "accelerator": "auto",
@@ -461,10 +461,7 @@ def run_benchmark_all(
         status = "success"
     finally:
         folder.close()
-        logger = (trainer or {}).get("logger")
-        for shared in logger if isinstance(logger, list) else [logger]:
-            if isinstance(shared, SharedLogger):
-                shared.finalize(status)
+        finalize((trainer or {}).get("logger"), status)
     return final
 
 

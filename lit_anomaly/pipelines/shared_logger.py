@@ -23,6 +23,13 @@ def for_category(logger: Any, category: str) -> Any:
     return [for_category(item, category) for item in logger] if isinstance(logger, list) else logger
 
 
+def finalize(logger: Any, status: str) -> None:
+    """Finalise every `SharedLogger` in `logger` (a Trainer's `logger` argument) with `status`."""
+    for item in logger if isinstance(logger, list) else [logger]:
+        if isinstance(item, SharedLogger):
+            item.finalize(status)
+
+
 class SharedLogger:
     """One run's logger, handed to each category's Trainer as a `CategoryLogger`.
 
