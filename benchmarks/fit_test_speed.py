@@ -48,9 +48,10 @@ def dataset_root(args: argparse.Namespace, scale: int) -> Path:
     good = args.test // 2 if args.test_good is None else args.test_good
     size = args.source_size if args.source_width is None else (args.source_size, args.source_width)
     name = f"mvtec_{n_train}x{good}+{args.test - good}_{args.source_size}x{args.source_width or args.source_size}px"
-    root = Path(args.cache) / name
+    root = Path(args.cache) / (name if args.image_mode == "RGB" else f"{name}_{args.image_mode}")
     if not (root / ".complete").exists():
-        write_synthetic(root, "MVTecAD", [args.category], n_train, good, args.test - good, image_size=size)
+        counts = (n_train, good, args.test - good)
+        write_synthetic(root, "MVTecAD", [args.category], *counts, image_size=size, mode=args.image_mode)
         (root / ".complete").touch()
     return root
 
@@ -207,9 +208,11 @@ def main() -> None:
     parser.add_argument("--data-root", default=None, help="an MVTec-layout dataset to use instead of a generated one")
     parser.add_argument("--category", default="bottle", help="the category to run (of --data-root, or generated)")
     parser.add_argument(
-        "--preset", choices=["highres"], default=None,
-        help="highres: 60 train, 27 good + 100 defective test PNGs of 2448 x 2048 px, like real line-scan images",
+        "--preset", choices=["highres", "highres-mono"], default=None,
+        help="highres: 60 train, 27 good + 100 defective test PNGs of 2448 x 2048 px, like real line-scan images; "
+        "highres-mono: the same as 8-bit grey PNGs, as most machine-vision cameras deliver",
     )  # fmt: skip
+    parser.add_argument("--image-mode", choices=["RGB", "L"], default="RGB", help="generated PNGs: colour or grey")
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--random-init", action="store_true")
     parser.add_argument("--models", nargs="+", default=["PatchCore", "PaDiM"], help="also STFPM, ReverseDistillation")
@@ -236,8 +239,9 @@ def main() -> None:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.preset == "highres":
+    if args.preset in ("highres", "highres-mono"):
         args.train, args.test, args.test_good, args.source_size, args.source_width = 60, 127, 27, 2048, 2448
+        args.image_mode = "L" if args.preset == "highres-mono" else "RGB"
     if args.worker:
         print(json.dumps(measure(args)))
         return

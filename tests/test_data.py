@@ -464,3 +464,23 @@ def test_synthetic_files_do_not_depend_on_the_number_of_writer_threads(family, t
         monkeypatch.setattr(os, "cpu_count", lambda threads=threads: threads)
         trees[threads] = files(write_synthetic(tmp_path / str(threads), family, categories, 4, 2, 5, (24, 32)))
     assert len(trees[1]) > 20 and trees[1] == trees[4]
+
+
+@pytest.mark.parametrize("family", ["MVTecAD", "MVTecLOCO"])
+def test_synthetic_grey_images_are_the_colour_ones_converted(family, tmp_path):
+    """mode "L" writes what a monochrome camera delivers: each image is its colour twin as Pillow converts it,
+    defects included, with the same masks."""
+    colour = write_synthetic(tmp_path / "rgb", family, ["tile"], 3, 2, 4, 48)
+    grey = write_synthetic(tmp_path / "grey", family, ["tile"], 3, 2, 4, 48, mode="L")
+    files = sorted(p.relative_to(grey) for p in grey.rglob("*.png"))
+    assert files == sorted(p.relative_to(colour) for p in colour.rglob("*.png"))
+    images = [f for f in files if "ground_truth" not in str(f)]
+    assert len(images) > 8
+    for file in files:
+        with Image.open(colour / file) as c, Image.open(grey / file) as g:
+            if file in images:
+                assert g.mode == "L" and c.mode == "RGB", file
+                difference = np.abs(np.asarray(c.convert("L"), np.int16) - np.asarray(g, np.int16))
+                assert difference.max() <= 1, file  # stains blend in grey, then round
+            else:
+                assert np.array_equal(np.asarray(c), np.asarray(g)), file

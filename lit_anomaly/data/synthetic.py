@@ -61,7 +61,8 @@ def add_defect(image: Image.Image, kind: str, rng: np.random.Generator) -> tuple
     mask = Image.new("L", image.size, 0)
     draw, mask_draw = ImageDraw.Draw(image), ImageDraw.Draw(mask)
     centre = rng.uniform(0.25, 0.75, size=2) * extent
-    colour = tuple(int(c) for c in rng.choice([rng.integers(0, 50, 3), rng.integers(205, 256, 3)]))
+    rgb = tuple(int(c) for c in rng.choice([rng.integers(0, 50, 3), rng.integers(205, 256, 3)]))
+    colour = Image.new("RGB", (1, 1), rgb).convert(image.mode).getpixel((0, 0))  # as `convert` maps the texture
     if kind in ("scratch", "crack"):
         points = [tuple(centre)]
         steps = 2 if kind == "scratch" else 5
@@ -88,8 +89,9 @@ def add_defect(image: Image.Image, kind: str, rng: np.random.Generator) -> tuple
             ImageDraw.Draw(stain).ellipse(box, fill=255)
             stain = stain.filter(ImageFilter.GaussianBlur(radius=size * 0.01))
             alpha = np.asarray(stain, dtype=np.float32)[..., None] / 255.0 * 0.85
-            blended = np.asarray(image, dtype=np.float32) * (1 - alpha) + np.array(colour) * alpha
-            image = Image.fromarray(blended.astype(np.uint8))
+            blended = np.atleast_3d(np.asarray(image, dtype=np.float32)) * (1 - alpha) + np.array(colour) * alpha
+            pixels = blended.astype(np.uint8)
+            image = Image.fromarray(pixels[..., 0] if image.mode == "L" else pixels)
             mask = Image.fromarray(((alpha[..., 0] > 0.3) * 255).astype(np.uint8))
     return image, mask
 
@@ -115,8 +117,8 @@ class _Writer:
     functions decide where they go. Every image is seeded by its category and index: the files do not depend on
     the number of threads."""
 
-    def __init__(self, category: str, size: int | tuple[int, int], pool: ThreadPoolExecutor) -> None:
-        self.category, self.size, self.count, self.pool = category, size, 0, pool
+    def __init__(self, category: str, size: int | tuple[int, int], mode: str, pool: ThreadPoolExecutor) -> None:
+        self.category, self.size, self.mode, self.count, self.pool = category, size, mode, 0, pool
         self.pending: list[Future] = []
 
     def normal(self, path: Path, **options: Any) -> None:
@@ -138,10 +140,10 @@ class _Writer:
             future.result()
 
     def _normal(self, index: int, path: Path, options: dict[str, Any]) -> None:
-        _save(normal_image(self.category, index, self.size), path, **options)
+        _save(normal_image(self.category, index, self.size).convert(self.mode), path, **options)
 
     def _anomalous(self, index: int, kind: str, rng: np.random.Generator, finish: Callable) -> None:
-        finish(*add_defect(normal_image(self.category, index, self.size), kind, rng))
+        finish(*add_defect(normal_image(self.category, index, self.size).convert(self.mode), kind, rng))
 
 
 def _mvtec(root: Path, w: _Writer, n_train: int, n_good: int, n_bad: int) -> None:
@@ -275,13 +277,15 @@ def write_synthetic(
     n_test_good: int = 6,
     n_test_bad: int = 6,
     image_size: int | tuple[int, int] = 128,
+    mode: str = "RGB",
 ) -> Path:
-    """Write a synthetic dataset of `family` under `root` (Folder takes exactly one category) and return root."""
+    """Write a synthetic dataset of `family` under `root` (Folder takes exactly one category) and return root.
+    `mode` "L" writes the images as a monochrome camera would (8-bit grey), the same textures and defects."""
     if family not in _WRITERS:
         raise ValueError(f"unknown family {family!r}; valid: {', '.join(FAMILIES)}")
     root = Path(root)
     with ThreadPoolExecutor(os.cpu_count()) as pool:
-        writers = [_Writer(category, image_size, pool) for category in categories]
+        writers = [_Writer(category, image_size, mode, pool) for category in categories]
         for writer in writers:
             _WRITERS[family](root, writer, n_train, n_test_good, n_test_bad)
         for writer in writers:
