@@ -396,11 +396,15 @@ def test_resizing_matches_pillow_full_resampling(tmp_path):
     pixels = (rng.random((90, 120, 3)) * 255).astype(np.uint8)
     Image.fromarray(pixels).save(path := tmp_path / "image.png")
     Image.fromarray(pixels[..., 0] > 128).save(mask_path := tmp_path / "mask.png")
+    Image.fromarray(pixels[..., 1]).save(grey_path := tmp_path / "grey.png")
+    Image.fromarray(pixels[..., 1]).convert("RGB").save(grey_rgb_path := tmp_path / "grey_rgb.png")
     for size in [(23, 31), (90, 200), (256, 256)]:
         expected = np.asarray(Image.fromarray(pixels).resize(size[::-1], Image.BILINEAR), dtype=np.int16)
         assert np.abs(read_image(path, size).astype(np.int16) - expected).max() <= 1, size
         nearest = np.asarray(Image.fromarray(pixels[..., 0] > 128).resize(size[::-1], Image.NEAREST))
         assert np.array_equal(read_mask([mask_path], size), nearest), size
+        grey_as_rgb = read_image(grey_path, size), read_image(grey_rgb_path, size)  # one plane resized, or three
+        assert np.array_equal(*grey_as_rgb), size
 
 
 _BUFFER_BYTES = 40 << 20

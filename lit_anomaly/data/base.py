@@ -170,6 +170,9 @@ def read_image(path: Path, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_
         check_pixels(image, path, max_pixels)
         if image.format == "JPEG":
             image.draft("RGB", (size[1], size[0]))  # decode JPEGs at reduced scale when much larger
+        if image.mode == "L":  # a monochrome camera's frame: decoded and resized as one plane, then repeated
+            grey = _read_pillow_or_spng(path, image, None, ("L",))
+            return np.repeat(_resize(grey, size, "bilinear")[..., None], 3, axis=2)
         array = _read_pillow_or_spng(path, image, "RGB", _SPNG_RGB_MODES)
     return _resize(array, size, "bilinear")
 
