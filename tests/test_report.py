@@ -233,6 +233,15 @@ def test_bootstrap_interval_covers_the_estimate_and_is_seeded():
         assert low <= point[key] + 1e-9 and point[key] <= high + 1e-9 and high - low < 0.8
 
 
+def test_an_interval_undefined_in_some_resamples_is_null_without_a_warning(recwarn):
+    """Four defects, one above the threshold: a fifth of the resamples flag nothing, so precision has no
+    interval. scipy warned (DegenerateDataWarning, about "BCa") into every fit+test's output."""
+    scores, labels = [0.1, 0.2, 0.3, 0.4, 0.2, 0.3, 0.35, 0.9], [0, 0, 0, 0, 1, 1, 1, 1]
+    intervals = bootstrap_intervals(scores, labels, 0.5)
+    assert intervals["image_precision"] is None and intervals["image_recall"] == [0.0, 0.75]
+    assert not [w for w in recwarn if "confidence interval" in str(w.message)]
+
+
 def slow_delong(a, b, labels):
     """DeLong et al. (1988) from the pairwise kernel, no ranks."""
     from scipy.stats import norm

@@ -6,6 +6,7 @@ comparison of finished runs never needs the detector again.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -71,7 +72,7 @@ def bootstrap_intervals(
 ) -> dict[str, list[float] | None]:
     """95 % percentile bootstrap interval of every image metric, resampling normals and defects separately
     (the test set's class sizes are fixed by design, not drawn). None where a metric is undefined."""
-    from scipy.stats import bootstrap
+    from scipy.stats import DegenerateDataWarning, bootstrap
 
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
     normal, defect = scores[labels == 0], scores[labels == 1]
@@ -79,10 +80,12 @@ def bootstrap_intervals(
     if len(normal) < 2 or len(defect) < 2:
         return intervals
     for key, statistic in image_statistics(threshold).items():
-        result = bootstrap(
-            (normal, defect), statistic, n_resamples=resamples, confidence_level=CONFIDENCE, method="percentile",
-            vectorized=True, paired=False, batch=500, rng=np.random.default_rng(seed),
-        )  # fmt: skip
+        with warnings.catch_warnings():  # a NaN bound (the metric undefined in some resample) becomes None below
+            warnings.simplefilter("ignore", DegenerateDataWarning)
+            result = bootstrap(
+                (normal, defect), statistic, n_resamples=resamples, confidence_level=CONFIDENCE,
+                method="percentile", vectorized=True, paired=False, batch=500, rng=np.random.default_rng(seed),
+            )  # fmt: skip
         low, high = result.confidence_interval
         intervals[key] = None if np.isnan(low) or np.isnan(high) else [float(low), float(high)]  # as JSON has it
     return intervals
