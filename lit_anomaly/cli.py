@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -42,6 +43,17 @@ from .reporting import RunError
 
 FIT_TEST = "fit+test"
 KEPT = "finished categories are kept in the run folder (--run.resume DIR continues)"
+
+
+class WithoutTips(logging.Filter):
+    """Drops Lightning's "💡 Tip" lines, adverts for its cloud services printed by every Trainer (twice a
+    category): noise around our own warnings, and links an air-gapped line PC cannot follow."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+WITHOUT_TIPS = WithoutTips()
 
 
 class AnomalyTrainer(pl.Trainer):
@@ -310,6 +322,8 @@ def main(args: Sequence[str] | None = None) -> int:
     try:
         for pattern in QUIET:
             warnings.filterwarnings("ignore", message=pattern)
+        for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
+            logging.getLogger(name).addFilter(WITHOUT_TIPS)  # where rank_zero_info logs
         _check_class_names(args)
         for path in _flag_values(args, "--ckpt_path"):  # LightningCLI reads it before any hook of ours runs
             checkpoint = check_checkpoint(path)

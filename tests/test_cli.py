@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -49,8 +50,17 @@ def run_cli(capsys, args) -> tuple[int, dict | None, str]:
 
 def test_single_category_writes_every_artifact(cli_root, tmp_path, capsys):
     out = tmp_path / "run"
-    code, report, err = run_cli(capsys, args_for(cli_root, "--data.category", "carpet", "--run.output_dir", str(out)))
+    lightning_lines = []
+    handler = logging.Handler()
+    handler.emit = lightning_lines.append
+    logging.getLogger("pytorch_lightning").addHandler(handler)
+    args = args_for(cli_root, "--data.category", "carpet", "--run.output_dir", str(out))
+    try:
+        code, report, err = run_cli(capsys, args)
+    finally:
+        logging.getLogger("pytorch_lightning").removeHandler(handler)
     assert code == 0
+    assert lightning_lines and not [r for r in lightning_lines if "Tip" in r.getMessage()]  # Lightning's adverts
     assert set(report) == REPORT_KEYS and report["categories"] == ["carpet"]
     assert json.loads((out / "report.json").read_text()) == report
     category = report["per_category"]["carpet"]
