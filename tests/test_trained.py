@@ -145,6 +145,13 @@ def test_cli_fit_holds_out_normals_and_saves_a_calibrated_detector(trained_root,
         "--trainer.default_root_dir", str(tmp_path),
     ]  # fmt: skip
     assert main(args) == 0, capsys.readouterr().err[-2000:]
-    detector = ReverseDistillation.load_from_checkpoint(next(tmp_path.rglob("detector.ckpt")), pretrained=False)
+    checkpoint = next(tmp_path.rglob("detector.ckpt"))
+    detector = ReverseDistillation.load_from_checkpoint(checkpoint, pretrained=False)
     assert detector.calibration.method == "hold-out" and detector.calibration.n == 2  # 10 % of 24 by default
     assert detector.calibrated_threshold is not None
+    assert not {"optimizer_states", "callbacks"} & set(torch.load(checkpoint, weights_only=True))  # no training state
+    incoming = trained_root / "carpet" / "test" / "good"
+    predict = ["predict", "--ckpt_path", str(checkpoint), "--data.predict_dir", str(incoming)]
+    predict += ["--trainer.default_root_dir", str(tmp_path / "line"), "--data.num_workers", "0"]
+    assert main(predict) == 0
+    assert "dirpath has changed" not in capsys.readouterr().err  # a ModelCheckpoint's state in the detector said so

@@ -209,12 +209,15 @@ def make_trainer(
 
 
 def save_checkpoint(trainer: pl.Trainer, path: Path) -> None:
-    """Lightning's checkpoint, written atomically: a kill or a full disk leaves the previous file or none.
+    """The detector for `predict` and `test` as a Lightning checkpoint of its weights, threshold and arguments,
+    written atomically: a kill or a full disk leaves the previous file or none. Training state (optimiser
+    moments, callbacks) stays out: training resumes from Lightning's own last.ckpt, and a ModelCheckpoint's
+    state made `predict` warn that its folder had changed.
 
     Every rank calls it (Lightning synchronises them); global rank 0 writes."""
     temporary = path.with_name(f".{path.name}.partial")
     try:
-        trainer.save_checkpoint(temporary)
+        trainer.save_checkpoint(temporary, weights_only=True)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
