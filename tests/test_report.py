@@ -54,6 +54,7 @@ def test_report_html_is_one_self_contained_valid_page(runs):
     assert "<script" not in page and "url(" not in page
     found = sections(page)
     assert set(found) == {"carpet", "tile", "wood"}
+    assert "mean ± std over 2 categories" in page  # the failed one has no metrics
     for category in ("carpet", "tile"):
         # ROC, precision-recall, score histogram, PRO curve, and the hardest cases of both kinds
         assert found[category].count("<img") == 4 + 2 * CASES
@@ -77,7 +78,9 @@ def test_a_category_name_the_folder_sanitises_still_finds_its_files(runs, tmp_pa
     report = json.loads((folder / "report.json").read_text())
     report["per_category"] = {"my tile": {**report["per_category"]["tile"], "category": "my tile"}}
     (folder / "categories" / "tile").rename(folder / "categories" / "my-tile")  # RunFolder.category_dir's name
-    assert sections(RunPage(folder).render(report))["my tile"].count("<img") == 4 + 2 * CASES
+    page = RunPage(folder).render(report)
+    assert sections(page)["my tile"].count("<img") == 4 + 2 * CASES
+    assert "value (one category)" in page and "±" not in page  # no "± 0.000" spread of a single value
 
 
 def test_report_json_carries_intervals_around_each_metric(runs):

@@ -136,10 +136,13 @@ class RunPage:
         means, stds = report.get("mean_metrics") or {}, report.get("std_metrics") or {}
         shown = [k for k in HEADLINE_METRICS if any((r.get("metrics") or {}).get(k) is not None
                                                     for r in per_category.values())]  # fmt: skip
+        finished = sum(r.get("status") == "ok" for r in per_category.values())
+        spread = finished != 1  # the std of one value says nothing, and "± 0.000" would read as a finding
         overall = table(
-            ["metric", "mean ± std over categories"],
-            ([f"<td>{k}</td>", f"<td>{number(means.get(k))} ± {number(stds.get(k))}</td>"] for k in shown),
-        )
+            ["metric", f"mean ± std over {finished} categories" if spread else "value (one category)"],
+            ([f"<td>{k}</td>", f"<td>{number(means.get(k))}{f' ± {number(stds.get(k))}' if spread else ''}</td>"]
+             for k in shown),
+        )  # fmt: skip
         rows = []
         for name, result in per_category.items():
             link = f'<td><a href="#category-{escape(name)}">{escape(name)}</a></td>'
