@@ -137,12 +137,12 @@ class RunPage:
         shown = [k for k in HEADLINE_METRICS if any((r.get("metrics") or {}).get(k) is not None
                                                     for r in per_category.values())]  # fmt: skip
         finished = sum(r.get("status") == "ok" for r in per_category.values())
-        spread = finished != 1  # the std of one value says nothing, and "± 0.000" would read as a finding
-        overall = table(
-            ["metric", f"mean ± std over {finished} categories" if spread else "value (one category)"],
-            ([f"<td>{k}</td>", f"<td>{number(means.get(k))}{f' ± {number(stds.get(k))}' if spread else ''}</td>"]
-             for k in shown),
-        )  # fmt: skip
+        if finished == 1:  # the std of one value says nothing, and "± 0.000" would read as a finding
+            header, values = "value (one category)", {k: number(means.get(k)) for k in shown}
+        else:
+            header = f"mean ± std over {finished} categories"
+            values = {k: f"{number(means.get(k))} ± {number(stds.get(k))}" for k in shown}
+        overall = table(["metric", header], ([f"<td>{k}</td>", f"<td>{v}</td>"] for k, v in values.items()))
         rows = []
         for name, result in per_category.items():
             link = f'<td><a href="#category-{escape(name)}">{escape(name)}</a></td>'
