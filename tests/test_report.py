@@ -159,6 +159,19 @@ def test_compare_of_a_run_with_itself_finds_no_significant_difference(runs, tmp_
     assert all(not tests[1]["significant"] for tests in document["paired_image_auroc"].values() if tests[1])
 
 
+def test_compare_of_one_category_shows_values_without_a_spread(runs, tmp_path, capsys):
+    folders = []
+    for name in ("PatchCore", "PaDiM"):
+        folders.append(shutil.copytree(runs[name], tmp_path / name))
+        report = json.loads((folders[-1] / "report.json").read_text())
+        report["categories"], report["per_category"] = ["tile"], {"tile": report["per_category"]["tile"]}
+        (folders[-1] / "report.json").write_text(json.dumps(report))
+    assert main(["compare", *map(str, folders), "--output", str(tmp_path / "one.html")]) == 0
+    assert json.loads(capsys.readouterr().out)["categories"] == ["tile"]
+    page = (tmp_path / "one.html").read_text()
+    assert "On the one shared category, tile" in page and "±" not in page
+
+
 def test_compare_refuses_runs_of_other_datasets(runs, tmp_path, capsys):
     other = tmp_path / "other"
     shutil.copytree(runs["PaDiM"], other)

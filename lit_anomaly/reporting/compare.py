@@ -149,12 +149,14 @@ def compare_page(runs: Sequence[Run], document: dict[str, Any]) -> str:
           f"<td>{number(run.report.get('wall_s'), 1)}</td>"] for i, run in enumerate(runs)),
         "kv",
     )  # fmt: skip
+    spread = len(categories) != 1  # as in report.html: the std of one value says nothing
     summary_rows = []
     for key in keys:
         cells = [f"<td>{key}</td>"]
         for i, (mean, std) in enumerate(zip(document["mean"][key], document["std"][key], strict=True)):
             css, delta = _difference(mean, document["mean"][key][0]) if i else ("", "")
-            cells.append(f"<td class='{css}'>{number(mean)} ± {number(std)}{delta}</td>")
+            shown = f"{number(mean)} ± {number(std)}" if spread else number(mean)
+            cells.append(f"<td class='{css}'>{shown}{delta}</td>")
         summary_rows.append(cells)
     ranks = document["ranks"]
     rank_text = ", ".join(f"{names[i]} {r:.2f}" for i, r in enumerate(ranks["mean_rank"]))
@@ -163,7 +165,9 @@ def compare_page(runs: Sequence[Run], document: dict[str, Any]) -> str:
                 "Friedman's test needs at least three runs and two categories.")  # fmt: skip
     body = [
         f"<h1>{len(runs)} runs on {escape(str(runs[0].report.get('dataset')))}</h1>{listing}",
-        f"<h2>Mean ± std over the {len(categories)} shared categories</h2>",
+        f"<h2>Mean ± std over the {len(categories)} shared categories</h2>"
+        if spread
+        else f"<h2>On the one shared category, {escape(categories[0])}</h2>",
         table(["metric", *names], summary_rows),
         f"<p>Mean rank by image AUROC (1 = best): {escape(rank_text)}. {escape(friedman)}</p>",
     ]
