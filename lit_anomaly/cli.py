@@ -203,8 +203,11 @@ class LitAnomalyCLI(LightningCLI):
         if isinstance(trainer, AnomalyTrainer):
             trainer.init_kwargs["strategy"] = strategy  # each category's trainer converts it anew
         trainer.config_yaml = getattr(self, "_config_yaml", None)
-        if self.subcommand == "predict" and not any(isinstance(c, PredictionWriter) for c in trainer.callbacks):
-            trainer.callbacks.append(PredictionWriter(str(Path(trainer.default_root_dir) / "predictions")))
+        if self.subcommand == "predict":
+            if not any(isinstance(c, PredictionWriter) for c in trainer.callbacks):
+                trainer.callbacks.append(PredictionWriter(str(Path(trainer.default_root_dir) / "predictions")))
+            for writer in (c for c in trainer.callbacks if isinstance(c, PredictionWriter)):
+                writer.check_output()
         return trainer
 
     def after_fit(self) -> None:

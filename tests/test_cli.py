@@ -269,6 +269,9 @@ def test_predict_on_the_line_needs_only_the_checkpoint_and_the_images(cli_root, 
     lines = [json.loads(line) for line in (tmp_path / "predictions" / "predictions.jsonl").read_text().splitlines()]
     assert len(lines) == 4 and {line["threshold"] for line in lines} == {report["per_category"]["tile"]["threshold"]}
     assert not (tmp_path / "lightning_logs").exists()  # a logger's empty version_N folder for every call, otherwise
+    code, _, error = run_cli(capsys, args)  # again, into the same folder: the first call's lines were replaced
+    assert code == 2 and f"predictions folder {tmp_path / 'predictions'} is not empty" in error
+    assert len((tmp_path / "predictions" / "predictions.jsonl").read_text().splitlines()) == 4
     older = torch.load(checkpoint, weights_only=True)
     del older["classes"]  # as lit-anomaly 0.1 wrote them
     torch.save(older, tmp_path / "older.ckpt")

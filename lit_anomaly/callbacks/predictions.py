@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 from pytorch_lightning.callbacks import BasePredictionWriter
 
-from ..reporting.run_folder import sanitize, write_atomic
+from ..reporting.run_folder import RunError, sanitize, write_atomic
 
 
 def output_names(paths: Sequence[str | Path]) -> dict[str, Path]:
@@ -55,6 +55,15 @@ class PredictionWriter(BasePredictionWriter):
         self.save_maps = save_maps
         self.failed = 0
         self.written = 0
+
+    def check_output(self) -> None:
+        """Refuse a folder that is a file or holds anything: an earlier predict's lines were replaced and its
+        maps mixed with the new ones."""
+        if self.output_dir.is_file() or (self.output_dir.is_dir() and any(self.output_dir.iterdir())):
+            raise RunError(
+                f"predictions folder {self.output_dir} is not empty (an earlier predict's results?); move it "
+                "away or write elsewhere with --trainer.default_root_dir DIR"
+            )
 
     def _lines_path(self, trainer: pl.Trainer) -> Path:
         suffix = f".rank{trainer.global_rank}" if trainer.world_size > 1 else ""
