@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import signal
 import sys
 import traceback
-import warnings
 from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
@@ -29,13 +27,13 @@ from .models import MODELS, AnomalyModule
 from .models.base import frozen_ddp
 from .models.components import BackboneError
 from .pipelines.benchmark import (
-    QUIET,
     TRAINER_DEFAULTS,
     RunConfig,
     enabled_by,
     hold_out,
     model_spec,
     process_rank,
+    quiet_lightning,
     run_benchmark,
     save_checkpoint,
 )  # fmt: skip
@@ -43,17 +41,6 @@ from .reporting import RunError
 
 FIT_TEST = "fit+test"
 KEPT = "finished categories are kept in the run folder (--run.resume DIR continues)"
-
-
-class WithoutTips(logging.Filter):
-    """Drops Lightning's "💡 Tip" lines, adverts for its cloud services printed by every Trainer (twice a
-    category): noise around our own warnings, and links an air-gapped line PC cannot follow."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip")
-
-
-WITHOUT_TIPS = WithoutTips()
 
 
 class AnomalyTrainer(pl.Trainer):
@@ -325,10 +312,6 @@ def main(args: Sequence[str] | None = None) -> int:
     if not printing_config:
         sys.stdout = sys.stderr  # Lightning's tables and progress bars must not corrupt the JSON on stdout
     try:
-        for pattern in QUIET:
-            warnings.filterwarnings("ignore", message=pattern)
-        for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
-            logging.getLogger(name).addFilter(WITHOUT_TIPS)  # where rank_zero_info logs
         _check_class_names(args)
         for path in _flag_values(args, "--ckpt_path"):  # LightningCLI reads it before any hook of ours runs
             checkpoint = check_checkpoint(path)
@@ -336,7 +319,8 @@ def main(args: Sequence[str] | None = None) -> int:
                 args = with_checkpoint_classes(args, path, checkpoint)
         if from_argv:  # LightningCLI reads sys.argv itself (and warns when given both)
             sys.argv = [sys.argv[0], *args]
-        cli = _cli(None if from_argv else args, args[0] if args else None)
+        with quiet_lightning():
+            cli = _cli(None if from_argv else args, args[0] if args else None)
     except SIGTERMException:  # a SystemExit without a code: re-raised, it ended the process with status 0
         return _fail(f"terminated (SIGTERM); {KEPT}", 128 + signal.SIGTERM)
     except SystemExit as exit_:  # --help (0); Lightning's graceful shutdown after Ctrl+C (1)

@@ -1,3 +1,4 @@
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -35,3 +36,14 @@ def family_roots(tmp_path_factory) -> dict[str, Path]:
 def mvtec_root(tmp_path_factory) -> Path:
     """Two MVTec-layout categories big enough for detectors to learn: 30 train, 12 + 12 test, 128 px."""
     return write_synthetic(tmp_path_factory.mktemp("mvtec"), "MVTecAD", ["carpet", "tile"], 30, 12, 12, 128)
+
+
+@pytest.fixture
+def lightning_records():
+    """What Lightning logs (it does not propagate to the root logger, so caplog misses it)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("pytorch_lightning").addHandler(handler)
+    yield records
+    logging.getLogger("pytorch_lightning").removeHandler(handler)

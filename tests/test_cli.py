@@ -1,5 +1,4 @@
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -48,19 +47,11 @@ def run_cli(capsys, args) -> tuple[int, dict | None, str]:
     return code, document, captured.err
 
 
-def test_single_category_writes_every_artifact(cli_root, tmp_path, capsys):
+def test_single_category_writes_every_artifact(cli_root, tmp_path, capsys, lightning_records):
     out = tmp_path / "run"
-    lightning_lines = []
-    handler = logging.Handler()
-    handler.emit = lightning_lines.append
-    logging.getLogger("pytorch_lightning").addHandler(handler)
-    args = args_for(cli_root, "--data.category", "carpet", "--run.output_dir", str(out))
-    try:
-        code, report, err = run_cli(capsys, args)
-    finally:
-        logging.getLogger("pytorch_lightning").removeHandler(handler)
+    code, report, err = run_cli(capsys, args_for(cli_root, "--data.category", "carpet", "--run.output_dir", str(out)))
     assert code == 0
-    assert lightning_lines and not [r for r in lightning_lines if "Tip" in r.getMessage()]  # Lightning's adverts
+    assert lightning_records and not [r for r in lightning_records if "Tip" in r.getMessage()]  # Lightning's adverts
     assert set(report) == REPORT_KEYS and report["categories"] == ["carpet"]
     assert json.loads((out / "report.json").read_text()) == report
     category = report["per_category"]["carpet"]

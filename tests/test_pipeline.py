@@ -15,10 +15,11 @@ def loco_root(tmp_path_factory):
     return write_synthetic(tmp_path_factory.mktemp("loco"), "MVTecLOCO", ["juice_bottle"], 15, 6, 8, 64)
 
 
-def test_python_api_returns_what_report_json_holds(mvtec_root, tmp_path):
+def test_python_api_returns_what_report_json_holds(mvtec_root, tmp_path, lightning_records):
     model = PatchCore(backbone="efficientnet_lite0")
     data = MVTecAD(mvtec_root, "tile", image_size=64, num_workers=0)
     report = run_benchmark(model=model, data=data, trainer={"accelerator": "cpu"}, run={"output_dir": str(tmp_path)})
+    assert lightning_records and not [r for r in lightning_records if "Tip" in r.getMessage()]  # Lightning's adverts
     assert json.loads((tmp_path / "report.json").read_text()) == report
     assert report["categories"] == ["tile"] and report["model"] == "PatchCore" and report["dataset"] == "MVTecAD"
     assert report["config"]["model"]["init_args"]["backbone"] == "efficientnet_lite0"

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import importlib
 import inspect
+import logging
 import os
 import signal
 import sys
@@ -61,6 +62,33 @@ QUIET = (  # Lightning advice that does not apply to one-pass, optimiser-free de
     r".*treespec.*",
     r".*all_gather is deprecated.*",
 )
+
+
+class WithoutTips(logging.Filter):
+    """Drops Lightning's "💡 Tip" lines, adverts for its cloud services printed by every Trainer (twice a
+    category): noise around our own warnings, and links an air-gapped line PC cannot follow."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Lightning's advice that does not apply here (QUIET) and its tips, left out within the block."""
+    tips = WithoutTips()
+    loggers = [
+        logging.getLogger(f"{package}.utilities.rank_zero") for package in ("pytorch_lightning", "lightning_fabric")
+    ]
+    with warnings.catch_warnings():
+        for pattern in QUIET:
+            warnings.filterwarnings("ignore", message=pattern)
+        for logger in loggers:
+            logger.addFilter(tips)
+        try:
+            yield
+        finally:
+            for logger in loggers:
+                logger.removeFilter(tips)
 
 
 @dataclass
@@ -529,14 +557,12 @@ def _run_categories(
     console = Console(stderr=True)
     is_zero = process_rank() == 0
     with (
-        warnings.catch_warnings(),
+        quiet_lightning(),
         Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             console=console, disable=not is_zero,
         ) as progress,
     ):  # fmt: skip
-        for pattern in QUIET:
-            warnings.filterwarnings("ignore", message=pattern)
         task = progress.add_task("categories", total=len(categories), completed=len(per_category))
         for category in categories:
             if category in per_category:
