@@ -28,6 +28,23 @@ def test_python_api_returns_what_report_json_holds(mvtec_root, tmp_path, lightni
     assert set(by_type) == {"scratch", "stain"} and by_type["scratch"]["image_auroc"] is not None
 
 
+def test_a_detector_fit_in_python_predicts_from_the_command_line(mvtec_root, tmp_path, capsys):
+    """The checkpoint of a detector the Python call built failed `lit-anomaly predict` with "--model: Option
+    'backbone' is not accepted": LightningCLI reads a checkpoint's arguments as those of the class it names."""
+    from lit_anomaly.cli import main
+
+    model = {"class_path": "PatchCore", "init_args": {"backbone": "efficientnet_lite0", "layers": (2, 3)}}
+    data = {"class_path": "MVTecAD", "init_args": {"root": str(mvtec_root), "image_size": 64, "num_workers": 0}}
+    run = {"output_dir": str(tmp_path / "fit"), "checkpoints": True}
+    run_benchmark(model=model, data=data, category="tile", trainer={"accelerator": "cpu"}, run=run)
+    checkpoint = tmp_path / "fit" / "categories" / "tile" / "detector.ckpt"
+    assert PatchCore.load_from_checkpoint(checkpoint).hparams.layers == (2, 3)
+    incoming = str(mvtec_root / "tile" / "test" / "good")
+    args = ["predict", "--ckpt_path", str(checkpoint), "--data.predict_dir", incoming, "--data.num_workers", "0"]
+    assert main([*args, "--trainer.default_root_dir", str(tmp_path)]) == 0, capsys.readouterr().err[-2000:]
+    assert len((tmp_path / "predictions" / "predictions.jsonl").read_text().splitlines()) == 12
+
+
 def test_every_category_starts_from_the_same_detector(mvtec_root):
     """With random weights, a category of an `all` run fits what a run of that category alone fits."""
 
