@@ -336,8 +336,9 @@ def main(args: Sequence[str] | None = None) -> int:
     finally:
         sys.stdout = json_stream
     writer = next((c for c in cli.trainer.callbacks if isinstance(c, PredictionWriter)), None)
-    if cli.subcommand == "predict" and writer is not None and writer.failed:
-        return _fail(f"{writer.failed} of {writer.written} images could not be read; see {writer.output_dir}", 1)
+    if cli.subcommand == "predict" and writer is not None and writer.failed:  # totals over all ranks
+        message = f"{writer.failed} of {writer.written} images could not be read; see {writer.output_dir}"
+        return _fail(message, 1) if process_rank() == 0 else 1
     report = cli.trainer.benchmark_report if isinstance(cli.trainer, AnomalyTrainer) else None
     if report is None:
         return 0

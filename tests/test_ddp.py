@@ -101,3 +101,39 @@ def test_two_nodes_over_loopback_match_one_device(ddp_root, tmp_path):
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
     assert outputs[1][0].strip() == ""  # only global rank 0 prints the summary
     assert_same(single, json.loads(outputs[0][0]), tmp_path / "one", tmp_path / "nodes")
+
+
+def test_two_process_predict_counts_every_ranks_unreadable_files(ddp_root, tmp_path):
+    """An unreadable file in rank 1's share made rank 1 fail, while the command (rank 0) exited 0."""
+    from lit_anomaly.pipelines import run_benchmark
+
+    data = {"class_path": "MVTecAD", "init_args": {"root": str(ddp_root), "image_size": 64, "num_workers": 0}}
+    model = {"class_path": "PatchCore", "init_args": {"backbone": "efficientnet_lite0"}}
+    run = {"output_dir": str(tmp_path / "fit"), "checkpoints": True}
+    run_benchmark(model=model, data=data, category="tile", trainer={"accelerator": "cpu"}, run=run)
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    for i, image in enumerate(sorted((ddp_root / "tile" / "test" / "good").iterdir())[:3]):
+        (incoming / f"{2 * i:03d}.png").write_bytes(image.read_bytes())
+    (incoming / "001.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")  # index 1: rank 1's share
+    command = [
+        sys.executable,
+        "-m",
+        "lit_anomaly",
+        "predict",
+        "--ckpt_path",
+        str(tmp_path / "fit" / "categories" / "tile" / "detector.ckpt"),
+    ]
+    command += ["--data.predict_dir", str(incoming), "--data.num_workers", "0", "--trainer.accelerator", "cpu"]
+    command += ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.default_root_dir", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.count("lit-anomaly: error: 1 of 4 images could not be read") == 1  # rank 0 says it, once
+    lines = [
+        json.loads(line)
+        for rank in (0, 1)
+        for line in (tmp_path / "predictions" / f"predictions.rank{rank}.jsonl").read_text().splitlines()
+    ]
+    assert sorted(line["index"] for line in lines) == [0, 1, 2, 3] and [
+        line["index"] for line in lines if "error" in line
+    ] == [1]

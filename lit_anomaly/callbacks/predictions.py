@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
+import torch
 import torch.nn.functional as F
 from PIL import Image
 from pytorch_lightning.callbacks import BasePredictionWriter
@@ -108,6 +109,11 @@ class PredictionWriter(BasePredictionWriter):
         self.written += len(lines)
         with self._lines_path(trainer).open("a") as stream:
             stream.writelines(json.dumps(line) + "\n" for line in lines)
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # each DDP rank scored its share: every rank holds the totals, so rank 0's exit status counts all files
+        counts = torch.tensor([self.failed, self.written], device=pl_module.device)
+        self.failed, self.written = (int(c) for c in trainer.strategy.reduce(counts, reduce_op="sum"))
 
     def _write_map(self, path: Path, anomaly_map: Any, threshold: float | None, category: str, split: str) -> None:
         with Image.open(path) as image:
