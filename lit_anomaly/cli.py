@@ -96,9 +96,10 @@ def check_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def with_checkpoint_classes(args: list[str], path: str, checkpoint: dict[str, Any]) -> list[str]:
-    """`args` of `predict --ckpt_path` with the detector and the dataset family (its root, category and image
-    size) the checkpoint was fit with, where neither the command line nor a --config names them: on the line,
-    `lit-anomaly predict --ckpt_path detector.ckpt --data.predict_dir /incoming` is the whole command."""
+    """`args` of `predict` (or `test`, `validate`) `--ckpt_path` with the detector and the dataset family (its
+    root, category and image size) the checkpoint was fit with, where neither the command line nor a --config
+    names them: on the line, `lit-anomaly predict --ckpt_path detector.ckpt --data.predict_dir /incoming` is
+    the whole command, and `lit-anomaly test --ckpt_path detector.ckpt` tests on the category it was fit on."""
     if _flag_values(args, "--config"):
         return args
     classes, data_args = checkpoint.get("classes") or {}, checkpoint.get("datamodule_hyper_parameters") or {}
@@ -110,11 +111,10 @@ def with_checkpoint_classes(args: list[str], path: str, checkpoint: dict[str, An
     extra = ["--model", classes["model"]] if classes.get("model") and not _flag_values(args, "--model") else []
     if classes.get("data") and not _flag_values(args, "--data"):
         extra += ["--data", classes["data"]]
-        extra += [
-            f"--data.{key}={json.dumps(data_args[key])}"
-            for key in ("root", "category", "image_size")
-            if key in data_args
-        ]
+        for key in ("root", "category", "image_size"):
+            if key in data_args:  # a string as it is: JSON's quotes stayed in the root, '"/data/line3"'
+                value = data_args[key]
+                extra.append(f"--data.{key}={value if isinstance(value, str) else json.dumps(value)}")
     return [args[0], *extra, *args[1:]]
 
 
@@ -271,6 +271,9 @@ def _message(error: BaseException, args: Sequence[str] = ()) -> str:
     if parsed:
         return parsed
     root = chain[-1]
+    if missing := re.match(r"the following arguments are required: (.*)", str(root)):
+        flags = " and ".join(f"--{name.split('.', 1)[-1]}" for name in missing.group(1).split(", "))
+        return f"{flags} required (or a --config that gives them)"
     text = (str(root).strip().splitlines() or [""])[0]
     return text if text and isinstance(root, INPUT_ERRORS) else f"{type(root).__name__}: {text}".rstrip(": ")
 
@@ -315,7 +318,7 @@ def main(args: Sequence[str] | None = None) -> int:
         _check_class_names(args)
         for path in _flag_values(args, "--ckpt_path"):  # LightningCLI reads it before any hook of ours runs
             checkpoint = check_checkpoint(path)
-            if args[0] == "predict":
+            if args[0] in ("predict", "test", "validate"):
                 args = with_checkpoint_classes(args, path, checkpoint)
         if from_argv:  # LightningCLI reads sys.argv itself (and warns when given both)
             sys.argv = [sys.argv[0], *args]

@@ -252,6 +252,9 @@ def test_predict_on_the_line_needs_only_the_checkpoint_and_the_images(cli_root, 
     )
     assert code == 0
     checkpoint = shutil.copy(run / "categories" / "tile" / "detector.ckpt", tmp_path / "detector.ckpt")
+    retest = ["test", "--ckpt_path", str(checkpoint), "--data.num_workers", "0", "--trainer.default_root_dir"]
+    assert main([*retest, str(tmp_path / "retest")]) == 0  # on the category it was fit on, from the checkpoint alone
+    assert str(report["per_category"]["tile"]["threshold"]) in capsys.readouterr().err  # Lightning's table
     incoming = shutil.copytree(root / "tile" / "test" / "good", tmp_path / "incoming")
     shutil.rmtree(root)  # the line's PC has the detector, not the training data
     monkeypatch.chdir(tmp_path)

@@ -92,6 +92,8 @@ def test_unknown_names_root_and_category(root, tmp_path, capsys):
     fails(capsys, [*base_args(root), "--model", "PatchKor"], 2, "PatchKor", "PatchCore")
     fails(capsys, base_args(tmp_path / "nowhere", "--data.category", "carpet"), 2, tmp_path / "nowhere")
     fails(capsys, base_args(root, "--data.category", "bottle"), 2, "bottle", "carpet")
+    line = fails(capsys, ["test", "--model", "PatchCore"], 2, "--data required")  # was "TypeError: the following..."
+    assert "Error" not in line
 
 
 def test_malformed_yaml_names_the_file_and_line(root, tmp_path, capsys):
