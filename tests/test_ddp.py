@@ -67,6 +67,28 @@ def test_two_process_ddp_matches_one_device(ddp_root, tmp_path, model, category)
     assert {r["hardware"]["world_size"] for r in distributed["per_category"].values()} == {2}
 
 
+@pytest.mark.parametrize(
+    ("devices", "several"),
+    [
+        (1, False),
+        ("1", False),
+        ([3], False),
+        ("0,", False),
+        (2, True),
+        ("2", True),
+        ("0,1", True),
+        ("auto", True),
+        (-1, True),
+    ],
+)
+def test_a_frozen_detector_on_several_devices_gets_ddp_without_gradients(devices, several):
+    """`--trainer.devices 2` arrives as the string "2": it was taken for one device, so Lightning chose its
+    DDP, which refuses a module without trainable parameters (every category failed)."""
+    from lit_anomaly.models.base import FrozenDDPStrategy, frozen_ddp
+
+    assert isinstance(frozen_ddp("auto", devices), FrozenDDPStrategy) == several
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

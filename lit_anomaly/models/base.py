@@ -38,10 +38,25 @@ def frozen_ddp(strategy: Any, devices: Any = 1, num_nodes: int = 1) -> Any:
         entry = StrategyRegistry[strategy]
         if entry["strategy"] is DDPStrategy:
             return FrozenDDPStrategy(**entry["init_params"])
-    several = (isinstance(devices, int) and devices > 1) or (isinstance(devices, (list, tuple)) and len(devices) > 1)
-    if strategy in (None, "auto") and (several or (num_nodes or 1) > 1):
-        return FrozenDDPStrategy()
+    count = device_count(devices)
+    if strategy in (None, "auto") and (count is None or count > 1 or (num_nodes or 1) > 1):
+        return FrozenDDPStrategy()  # DDP over what turns out to be one device is one process
     return strategy
+
+
+def device_count(devices: Any) -> int | None:
+    """How many devices a Trainer's `devices` names, as Lightning reads it: a count (the command line gives it
+    as a string, "2"), indices ([0, 1] or "0,1"); None where only the accelerator knows ("auto", -1)."""
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    text = str(devices).strip()
+    if "," in text:
+        return len([index for index in text.split(",") if index.strip()])
+    try:
+        count = int(text)
+    except ValueError:
+        return None
+    return count if count >= 0 else None
 
 
 def gather_by_index(module: pl.LightningModule, index: Tensor, *values: Tensor) -> tuple[Tensor, ...]:
