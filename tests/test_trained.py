@@ -103,6 +103,27 @@ def test_reverse_distillation_refuses_stages_that_do_not_fit():
         stride_steps([8, 8])
 
 
+@pytest.mark.parametrize("name", DETECTORS)
+def test_every_trainable_parameter_gets_a_gradient(name):
+    """DDP refuses parameters that no loss reaches: STFPM's student ran efficientnet_lite0's blocks past its
+    last stage, so `--trainer.devices 2` failed every category."""
+    detector = DETECTORS[name](backbone="efficientnet_lite0")
+    loss = detector.model.loss(torch.rand(2, 3, 64, 64))
+    loss.backward()
+    trainable = {n: p for n, p in detector.named_parameters() if p.requires_grad}
+    assert trainable and not [n for n, p in trainable.items() if p.grad is None]
+
+
+def test_a_student_checkpoint_with_its_unused_blocks_still_loads():
+    from lit_anomaly.models.components.backbones import create_timm_model
+
+    student = STFPM(backbone="efficientnet_lite0").model.student
+    full = create_timm_model("tf_efficientnet_lite0", pretrained=False, features_only=True, out_indices=(1, 2, 3))
+    older = {f"model.{k}": v for k, v in full.state_dict().items()} | {"mean": student.mean, "std": student.std}
+    assert len(older) > len(student.state_dict())
+    student.load_state_dict(older)  # strict: the blocks past the last stage are dropped, the rest must match
+
+
 def test_importing_lit_anomaly_leaves_lightnings_registry_alone():
     assert StrategyRegistry["ddp"]["strategy"] is DDPStrategy
 

@@ -115,13 +115,28 @@ def load_backbone_weights(model: nn.Module, state: Mapping, timm_name: str, sour
     model.load_state_dict({k: state[k].to(v.dtype) for k, v in needed.items()}, assign=True)
 
 
+def drop_blocks_past_the_last_stage(model: nn.Module) -> None:
+    """timm's EfficientNet and MobileNet feature models run all their blocks, even those past the last stage
+    they return (over a quarter of efficientnet_lite0's time for layers 2 and 3, and a student's parameters
+    there get no gradient, which DDP refuses); ResNets' stop there already."""
+    blocks = getattr(model, "blocks", None)
+    used = [info["module"].split(".") for info in model.feature_info.get_dicts()]
+    if isinstance(blocks, nn.Sequential) and all(parts[0] == "blocks" for parts in used):
+        model.blocks = blocks[: max(int(parts[1]) for parts in used) + 1]
+
+
+def drop_saved_blocks(model: nn.Module, state: dict, prefix: str) -> None:
+    """Remove from an older checkpoint's `state` the entries of blocks `model` (at `prefix`) no longer has."""
+    if hasattr(model, "blocks"):
+        blocks, kept = f"{prefix}blocks.", len(model.blocks)
+        for key in [k for k in state if k.startswith(blocks) and int(k[len(blocks) :].split(".")[0]) >= kept]:
+            del state[key]
+
+
 def _migrate_older_checkpoints(extractor: FeatureExtractor, state: dict, prefix: str, *args: Any) -> None:
     """Older checkpoints hold what this extractor no longer has: blocks past its last stage (0.2), whose entries
     are dropped, and BatchNorms apart from their convolutions, which are folded as the modules were."""
-    if hasattr(extractor.model, "blocks"):
-        blocks, kept = f"{prefix}model.blocks.", len(extractor.model.blocks)
-        for key in [k for k in state if k.startswith(blocks) and int(k[len(blocks) :].split(".")[0]) >= kept]:
-            del state[key]
+    drop_saved_blocks(extractor.model, state, f"{prefix}model.")
     fold_saved_norms(state, f"{prefix}model.", extractor.folded)
 
 
@@ -169,7 +184,7 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
         self.channels: list[int] = self.model.feature_info.channels()
         self.strides: list[int] = self.model.feature_info.reduction()
-        self._drop_blocks_past_the_last_stage()
+        drop_blocks_past_the_last_stage(self.model)
         replace_padded_copies(self.model)
         self.model.eval().requires_grad_(False)
         example = torch.rand(1, 3, *(self.fixed_input_size or (64, 64)), generator=torch.Generator().manual_seed(0))
@@ -177,14 +192,6 @@ class FeatureExtractor(nn.Module):
         self.register_load_state_dict_pre_hook(_migrate_older_checkpoints)
         # oneDNN's convolutions, depthwise ones above all, run 1.3-1.6x faster on NHWC tensors (CPU and cuDNN)
         self.model.to(memory_format=torch.channels_last)
-
-    def _drop_blocks_past_the_last_stage(self) -> None:
-        """timm's EfficientNet and MobileNet feature models run all their blocks, even those past the last stage
-        they return (over a quarter of efficientnet_lite0's time for layers 2 and 3); ResNets' stop there already."""
-        blocks = getattr(self.model, "blocks", None)
-        used = [info["module"].split(".") for info in self.model.feature_info.get_dicts()]
-        if isinstance(blocks, nn.Sequential) and all(parts[0] == "blocks" for parts in used):
-            self.model.blocks = blocks[: max(int(parts[1]) for parts in used) + 1]
 
     def _load_pretrained(self, indices: tuple[int, ...]) -> None:
         if self.backbone == "efficientnet_lite0":
