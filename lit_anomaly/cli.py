@@ -175,7 +175,7 @@ class LitAnomalyCLI(LightningCLI):
             for key, value in hold_out(model_class, data_args).items():  # fit+test's loop does it per category
                 data_args[key] = value
         if self.subcommand == "predict" and config.trainer.get("logger") is None:
-            config.trainer.logger = False  # nothing to log; Lightning's default left a lightning_logs/version_N a call
+            config.trainer.logger = False  # nothing to log: its default left an empty lightning_logs/version_N
         if self.subcommand == FIT_TEST:
             # the subcommand's own config, so `lit-anomaly fit+test --config config.yaml` reruns it
             self._config_yaml = self._parser(FIT_TEST).dump(config, skip_none=False)
