@@ -60,9 +60,10 @@ class PredictionWriter(BasePredictionWriter):
     def check_output(self) -> None:
         """Refuse a folder that is a file or holds anything: an earlier predict's lines were replaced and its
         maps mixed with the new ones."""
-        if self.output_dir.is_file() or (self.output_dir.is_dir() and any(self.output_dir.iterdir())):
+        folder = self.output_dir
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
             raise RunError(
-                f"predictions folder {self.output_dir} is not empty (an earlier predict's results?); move it "
+                f"predictions folder {folder} is not empty (an earlier predict's results?); move it "
                 "away or write elsewhere with --trainer.default_root_dir DIR"
             )
 
