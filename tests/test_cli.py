@@ -106,9 +106,13 @@ def test_all_categories_aggregate_and_output_copy(cli_root, tmp_path, capsys):
 
 
 def test_a_list_of_categories_runs_those_in_its_order(cli_root, capsys):
-    code, report, _ = run_cli(capsys, args_for(cli_root, "--data.category", "tile, carpet,tile", "--run.save", "false"))
+    args = args_for(cli_root, "--data.category", "tile, carpet,tile", "--run.save", "false")
+    args += ["--trainer.max_epochs", "3"]
+    code, report, err = run_cli(capsys, args)
     assert code == 0 and report["categories"] == ["tile", "carpet"]
     assert all(result["status"] == "ok" for result in report["per_category"].values())
+    unused = "lit-anomaly: warning: PatchCore fits in one pass over train: --trainer.max_epochs 3 is not used"
+    assert err.count(unused) == 1  # once for the run, not silently, not per category
 
 
 def test_default_run_folder_is_named_and_never_reused(cli_root, tmp_path, capsys, monkeypatch):

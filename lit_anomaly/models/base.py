@@ -59,6 +59,13 @@ def device_count(devices: Any) -> int | None:
     return count if count >= 0 else None
 
 
+def unused_epochs_warning(detector: type, max_epochs: Any) -> str | None:
+    """What to tell a user who asked a detector that fits in one pass for more epochs (`setup` sets one)."""
+    if getattr(detector, "trains_with_gradients", True) or max_epochs in (None, 1):
+        return None
+    return f"{detector.__name__} fits in one pass over train: --trainer.max_epochs {max_epochs} is not used"
+
+
 def gather_by_index(module: pl.LightningModule, index: Tensor, *values: Tensor) -> tuple[Tensor, ...]:
     """Rows of every rank, de-duplicated by `index` (DistributedSampler pads with repeats) and sorted by it."""
     if module.trainer.world_size > 1:

@@ -34,7 +34,7 @@ from ..callbacks import TensorBoardArtifacts
 from ..data import DATAMODULES, AnomalyDataModule, DatasetError, Folder
 from ..metrics import au_spro, image_metrics
 from ..models import MODELS, AnomalyModule
-from ..models.base import TestResult, class_path, frozen_ddp
+from ..models.base import TestResult, class_path, frozen_ddp, unused_epochs_warning
 from ..reporting import RunError, RunFolder, build_report, environment
 from ..reporting.figures import overlay_png
 from ..reporting.html import select_hard_cases
@@ -457,6 +457,8 @@ def run_benchmark_all(
         check_output_file(run.output, "--run.output", "the report copy")
     if categories:
         _check_settings(model, data, categories[0])
+    if is_zero and (unused := unused_epochs_warning(model.cls, trainer_kwargs(trainer)["max_epochs"])):
+        print(f"lit-anomaly: warning: {unused}", file=sys.stderr)
     config = _plain(
         {
             "model": model.as_config(),
