@@ -174,9 +174,9 @@ class LitAnomalyCLI(LightningCLI):
         if model_class is not None and data_args is not None and self.subcommand != FIT_TEST:
             for key, value in hold_out(model_class, data_args).items():  # fit+test's loop does it per category
                 data_args[key] = value
-        unused = unused_epochs_warning(model_class, config.trainer.get("max_epochs")) if model_class else None
-        if self.subcommand == "fit" and unused and process_rank() == 0:  # fit+test's loop says it itself
-            print(f"lit-anomaly: warning: {unused}", file=sys.stderr)
+        epochs = config.trainer.get("max_epochs")
+        if self.subcommand == "fit" and process_rank() == 0 and (unused := unused_epochs_warning(model_class, epochs)):
+            print(f"lit-anomaly: warning: {unused}", file=sys.stderr)  # fit+test's loop says it itself
         if self.subcommand == "predict" and config.trainer.get("logger") is None:
             config.trainer.logger = False  # nothing to log: its default left an empty lightning_logs/version_N
         if self.subcommand == FIT_TEST:
