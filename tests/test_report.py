@@ -150,6 +150,27 @@ def test_compare_tables_match_both_reports(runs, tmp_path, capsys):
     page = output.read_text()
     html5lib.HTMLParser(strict=True).parse(page)
     assert page.count("<img") == 2  # one ROC figure per category with results (wood failed in both)
+    assert document["finished_categories"] == ["carpet", "tile"]
+    assert "Mean ± std over the 2 categories every run finished" in page
+    assert "Not in the means (failed in at least one run): wood" in page
+
+
+def test_compare_means_cover_only_the_categories_every_run_finished(runs, tmp_path, capsys):
+    # a category one run failed must leave every run's mean, or the runs are averaged over different categories
+    padim = shutil.copytree(runs["PaDiM"], tmp_path / "PaDiM")
+    report = json.loads((padim / "report.json").read_text())
+    report["per_category"]["tile"] = {"status": "failed", "error": "RuntimeError: out of memory"}
+    (padim / "report.json").write_text(json.dumps(report))
+    assert main(["compare", str(runs["PatchCore"]), str(padim), "--output", str(tmp_path / "c.html")]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["finished_categories"] == ["carpet"]
+    patchcore = json.loads((runs["PatchCore"] / "report.json").read_text())["per_category"]
+    assert document["metrics"]["image_auroc"]["tile"][0] == patchcore["tile"]["metrics"]["image_auroc"]  # still shown
+    assert document["mean"]["image_auroc"][0] == patchcore["carpet"]["metrics"]["image_auroc"]
+    page = (tmp_path / "c.html").read_text()
+    assert (
+        "On the one category every run finished, carpet" in page and "failed in at least one run): tile, wood" in page
+    )
 
 
 def test_compare_of_a_run_with_itself_finds_no_significant_difference(runs, tmp_path, capsys):

@@ -106,7 +106,9 @@ def comparison(runs: Sequence[Run]) -> dict[str, Any]:
     intervals = {
         k: {c: [(run.result(c).get("metric_intervals") or {}).get(k) for run in runs] for c in categories} for k in keys
     }
-    summaries = [aggregate({c: run.result(c) for c in categories}, keys) for run in runs]
+    # the means pair the runs: over the categories every run finished, not each run's own successes
+    finished = [c for c in categories if all(run.result(c).get("status") == "ok" for run in runs)]
+    summaries = [aggregate({c: run.result(c) for c in finished}, keys) for run in runs]
     ranks = rank_summary([{c: run.metric(c, "image_auroc") for c in categories} for run in runs], "image_auroc")
     return {
         "runs": [
@@ -121,6 +123,7 @@ def comparison(runs: Sequence[Run]) -> dict[str, Any]:
             for run in runs
         ],
         "categories": categories,
+        "finished_categories": finished,
         "metrics": metrics,
         "intervals": intervals,
         "mean": {k: [means[k] for means, _ in summaries] for k in keys},
@@ -139,6 +142,20 @@ def _difference(value: float | None, reference: float | None) -> tuple[str, str]
     return css, f" <small>Δ {delta:+.3f}</small>" if css else ""
 
 
+def summary_heading(categories: Sequence[str], finished: Sequence[str]) -> str:
+    """What the summary's means cover: the shared categories that every run finished."""
+    left_out = [c for c in categories if c not in finished]
+    if len(finished) == 1:
+        which = "category every run finished" if left_out else "shared category"
+        heading = f"<h2>On the one {which}, {escape(finished[0])}</h2>"
+    else:
+        which = "categories every run finished" if left_out else "shared categories"
+        heading = f"<h2>Mean ± std over the {len(finished)} {which}</h2>"
+    if left_out:
+        heading += f"<p>Not in the means (failed in at least one run): {escape(', '.join(left_out))}.</p>"
+    return heading
+
+
 def compare_page(runs: Sequence[Run], document: dict[str, Any]) -> str:
     categories, keys = document["categories"], list(document["metrics"])
     names = [f"#{i + 1}" for i in range(len(runs))]
@@ -149,7 +166,8 @@ def compare_page(runs: Sequence[Run], document: dict[str, Any]) -> str:
           f"<td>{number(run.report.get('wall_s'), 1)}</td>"] for i, run in enumerate(runs)),
         "kv",
     )  # fmt: skip
-    spread = len(categories) != 1  # as in report.html: the std of one value says nothing
+    finished = document["finished_categories"]
+    spread = len(finished) != 1  # as in report.html: the std of one value says nothing
     summary_rows = []
     for key in keys:
         cells = [f"<td>{key}</td>"]
@@ -165,9 +183,7 @@ def compare_page(runs: Sequence[Run], document: dict[str, Any]) -> str:
                 "Friedman's test needs at least three runs and two categories.")  # fmt: skip
     body = [
         f"<h1>{len(runs)} runs on {escape(str(runs[0].report.get('dataset')))}</h1>{listing}",
-        f"<h2>Mean ± std over the {len(categories)} shared categories</h2>"
-        if spread
-        else f"<h2>On the one shared category, {escape(categories[0])}</h2>",
+        summary_heading(categories, finished),
         table(["metric", *names], summary_rows),
         f"<p>Mean rank by image AUROC (1 = best): {escape(rank_text)}. {escape(friedman)}</p>",
     ]
