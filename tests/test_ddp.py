@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -151,11 +152,10 @@ def test_two_process_predict_counts_every_ranks_unreadable_files(ddp_root, tmp_p
     result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
     assert result.returncode == 1, result.stderr[-3000:]
     assert result.stderr.count("lit-anomaly: error: 1 of 4 images could not be read") == 1  # rank 0 says it, once
-    lines = [
-        json.loads(line)
-        for rank in (0, 1)
-        for line in (tmp_path / "predictions" / f"predictions.rank{rank}.jsonl").read_text().splitlines()
-    ]
-    assert sorted(line["index"] for line in lines) == [0, 1, 2, 3] and [
+    # one file in input order, as one process writes it; the ranks' own files are merged into it and gone
+    lines = [json.loads(line) for line in (tmp_path / "predictions" / "predictions.jsonl").read_text().splitlines()]
+    assert [line["index"] for line in lines] == [0, 1, 2, 3] and [
         line["index"] for line in lines if "error" in line
     ] == [1]
+    assert [Path(line["path"]).name for line in lines] == ["000.png", "001.png", "002.png", "004.png"]
+    assert not list((tmp_path / "predictions").glob("predictions.rank*.jsonl"))

@@ -6,6 +6,7 @@ import json
 import os
 from collections.abc import Sequence
 from functools import partial
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,8 @@ class PredictionWriter(BasePredictionWriter):
     A file that cannot be read becomes a line with `error` and no score; the others are still written.
 
     Args:
-        output_dir: folder for predictions.jsonl (predictions.rank<N>.jsonl per process under DDP) and the maps.
+        output_dir: folder for predictions.jsonl (in input order; under DDP each process writes
+            predictions.rank<N>.jsonl as it goes, merged into predictions.jsonl at the end) and the maps.
         save_maps: also write anomaly_images/<category>/<split>/<name>.tiff (float32 maps at each image's
             own size, MVTec AD 2's submission layout) and anomaly_images_thresholded/.../<name>.png
             (0/255 at the calibrated threshold); <name> is the image's path below the inputs' common folder.
@@ -115,6 +117,23 @@ class PredictionWriter(BasePredictionWriter):
         # each DDP rank scored its share: every rank holds the totals, so rank 0's exit status counts all files
         counts = torch.tensor([self.failed, self.written], device=pl_module.device)
         self.failed, self.written = (int(c) for c in trainer.strategy.reduce(counts, reduce_op="sum"))
+        if trainer.world_size > 1:
+            self._merge_ranks(trainer)
+
+    def _merge_ranks(self, trainer: pl.Trainer) -> None:
+        """One predictions.jsonl in input order, as one process writes it. The lines travel to rank 0 through
+        the process group, not the file system: the ranks of several nodes may each see a disk of their own.
+        Each rank's file stays until the merged one is on disk."""
+        own = self._lines_path(trainer)
+        shares = [None] * trainer.world_size if trainer.global_rank == 0 else None
+        torch.distributed.gather_object(own.read_text(), shares, dst=0)
+        if shares is not None:  # Lightning's predict sampler gives every input to one rank: no repeats to drop
+            records = sorted(
+                (json.loads(line) for share in shares for line in share.splitlines()), key=itemgetter("index")
+            )
+            write_atomic(self.output_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        trainer.strategy.barrier("predictions merged")
+        own.unlink()
 
     def _write_map(self, path: Path, anomaly_map: Any, threshold: float | None, category: str, split: str) -> None:
         with Image.open(path) as image:
