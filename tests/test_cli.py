@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -113,6 +114,7 @@ def test_a_list_of_categories_runs_those_in_its_order(cli_root, capsys):
     assert all(result["status"] == "ok" for result in report["per_category"].values())
     unused = "lit-anomaly: warning: PatchCore fits in one pass over train: --trainer.max_epochs 3 is not used"
     assert err.count(unused) == 1  # once for the run, not silently, not per category
+    assert re.search(r"^finished\b.* 2/2 ", err, re.M)  # the progress line's last state: no stale name
 
 
 def test_default_run_folder_is_named_and_never_reused(cli_root, tmp_path, capsys, monkeypatch):

@@ -569,8 +569,7 @@ def _run_categories(
         for category in categories:
             if category in per_category:
                 continue
-            remaining = len(categories) - len(per_category)
-            progress.update(task, description=f"{category} ({remaining} remaining)")
+            progress.update(task, description=category)  # the count beside it says how many are done
             try:
                 checkpoint = folder.category_dir(category) / "detector.ckpt" if run_dir and run.checkpoints else None
                 cases = run.html_cases if run.html and run_dir else 0
@@ -588,6 +587,7 @@ def _run_categories(
             folder.write_category(result, records if run.per_image_jsonl else None, artifacts)
             folder.write_report(report(), None, None, run.html)  # what finished is on disk even if the run dies
             progress.advance(task)
+        progress.update(task, description="finished")  # not the last category's name beside a full count
 
 
 def _plain(value: Any) -> Any:
