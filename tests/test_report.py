@@ -202,6 +202,15 @@ def test_compare_refuses_runs_of_other_datasets(runs, tmp_path, capsys):
     assert "same dataset" in capsys.readouterr().err and not (tmp_path / "x.html").exists()
 
 
+def test_compare_names_a_missing_run_folder_apart_from_one_without_a_report(runs, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for folder, said in (("missing", "no such run folder"), ("empty", "no readable report.json")):
+        assert (
+            main(["compare", str(runs["PatchCore"]), str(tmp_path / folder), "--output", str(tmp_path / "x.html")]) == 2
+        )
+        assert f"lit-anomaly: error: {tmp_path / folder}: {said}" in capsys.readouterr().err
+
+
 def test_compare_refuses_an_output_it_cannot_write_before_reading_the_runs(runs, tmp_path, capsys, monkeypatch):
     both = [str(runs["PatchCore"]), str(runs["PaDiM"])]
     assert main(["compare", *both, "--output", str(tmp_path / "missing" / "x.html")]) == 2

@@ -29,6 +29,8 @@ class Run:
     @classmethod
     def load(cls, path: str | Path) -> Run:
         folder = Path(path).expanduser()
+        if not folder.is_dir():
+            raise RunError(f"{folder}: no such run folder")
         try:
             report = json.loads((folder / "report.json").read_text())
         except (OSError, ValueError) as error:
