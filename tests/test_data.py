@@ -2,6 +2,7 @@ import os
 import shutil
 import struct
 import sys
+import warnings
 import zlib
 from pathlib import Path
 
@@ -145,6 +146,18 @@ def test_loco_masks_are_ored(family_roots):
     batch = batches(dm, "test")[0]
     position = [Path(p) for p in batch["path"]].index(sample.path)
     assert torch.equal(batch["mask"][position, 0].bool(), torch.from_numpy(separate[0] | separate[1]))
+
+
+def test_loco_spro_masks_are_built_without_a_warning(family_roots):
+    dm = make("MVTecLOCO", family_roots["MVTecLOCO"], image_size=48)
+    torch.set_warn_always(True)  # torch's "array is not writable" warning otherwise shows once a process
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            defects = dm.spro_defects((48, 48))
+    finally:
+        torch.set_warn_always(False)
+    assert defects and all(mask.shape == (48, 48) for found in defects.values() for mask, _ in found)
 
 
 def test_mvtec_ad2_private_splits_are_unlabelled(family_roots):

@@ -149,7 +149,7 @@ class MVTecLOCO(AnomalyDataModule):
                     raise DatasetError(f"{path}: pixel value {present[0]} is not in {config_path}")
                 entry = config[present[0]]
                 binary = Image.fromarray(values == present[0]).resize((size[1], size[0]), Image.NEAREST)
-                mask = torch.from_numpy(np.asarray(binary))
+                mask = torch.from_numpy(np.array(binary))  # a copy: asarray is a read-only view of the image
                 area = float(mask.sum())
                 scale = size[0] * size[1] / values.size
                 threshold = entry["saturation_threshold"]
