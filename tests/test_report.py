@@ -167,6 +167,7 @@ def test_compare_means_cover_only_the_categories_every_run_finished(runs, tmp_pa
     patchcore = json.loads((runs["PatchCore"] / "report.json").read_text())["per_category"]
     assert document["metrics"]["image_auroc"]["tile"][0] == patchcore["tile"]["metrics"]["image_auroc"]  # still shown
     assert document["mean"]["image_auroc"][0] == patchcore["carpet"]["metrics"]["image_auroc"]
+    assert document["paired_image_auroc"]["tile"] == [None, None]  # its per-image scores are still on disk
     page = (tmp_path / "c.html").read_text()
     assert (
         "On the one category every run finished, carpet" in page and "failed in at least one run): tile, wood" in page

@@ -89,6 +89,9 @@ def paired_tests(runs: Sequence[Run], category: str) -> list[dict[str, Any] | No
 
     first, tests = by_key(runs[0]), [None]
     for run in runs[1:]:
+        if not all(r.result(category).get("status") == "ok" for r in (runs[0], run)):
+            tests.append(None)  # a failed category's scores, if any are on disk, are not its results
+            continue
         other = by_key(run)
         keys = sorted(set(first) & set(other))
         labels = [first[k]["label"] for k in keys]
