@@ -49,9 +49,11 @@ class Run:
     def result(self, category: str) -> dict[str, Any]:
         return self.report["per_category"].get(category) or {}
 
+    def finished(self, category: str) -> bool:
+        return self.result(category).get("status") == "ok"
+
     def metric(self, category: str, key: str) -> float | None:
-        result = self.result(category)
-        return (result.get("metrics") or {}).get(key) if result.get("status") == "ok" else None
+        return (self.result(category).get("metrics") or {}).get(key) if self.finished(category) else None
 
 
 def image_key(record: dict) -> str:
@@ -89,7 +91,7 @@ def paired_tests(runs: Sequence[Run], category: str) -> list[dict[str, Any] | No
 
     first, tests = by_key(runs[0]), [None]
     for run in runs[1:]:
-        if not all(r.result(category).get("status") == "ok" for r in (runs[0], run)):
+        if not (runs[0].finished(category) and run.finished(category)):
             tests.append(None)  # a failed category's scores, if any are on disk, are not its results
             continue
         other = by_key(run)
@@ -112,7 +114,7 @@ def comparison(runs: Sequence[Run]) -> dict[str, Any]:
         k: {c: [(run.result(c).get("metric_intervals") or {}).get(k) for run in runs] for c in categories} for k in keys
     }
     # the means pair the runs: over the categories every run finished, not each run's own successes
-    finished = [c for c in categories if all(run.result(c).get("status") == "ok" for run in runs)]
+    finished = [c for c in categories if all(run.finished(c) for run in runs)]
     summaries = [aggregate({c: run.result(c) for c in finished}, keys) for run in runs]
     ranks = rank_summary([{c: run.metric(c, "image_auroc") for c in categories} for run in runs], "image_auroc")
     return {
