@@ -34,9 +34,11 @@ QUANTILES = (0.9, 0.95, 0.99)
 def trainer():
     import pytorch_lightning as pl
 
+    from lit_anomaly.callbacks import ResultCollector
+
     return pl.Trainer(
         accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False,
+        enable_model_summary=False, callbacks=[ResultCollector()],
     )  # fmt: skip
 
 
@@ -58,7 +60,7 @@ def datamodule(root: Path, category: str, args: argparse.Namespace, fraction: fl
 def scores_of(model, dm, split: str):
     import torch
 
-    from lit_anomaly.data.base import to_float_batch
+    from lit_anomaly.data.dataset import to_float_batch
 
     model.eval()
     with torch.no_grad():
@@ -66,9 +68,11 @@ def scores_of(model, dm, split: str):
 
 
 def unseen_normal_scores(model, dm):
+    from lit_anomaly.callbacks import result_collector
+
     lightning = trainer()
     lightning.test(model, datamodule=dm, verbose=False)
-    result = model.test_result
+    result = result_collector(lightning).test_result
     return result.score[result.label == 0]
 
 

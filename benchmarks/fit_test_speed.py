@@ -70,7 +70,8 @@ def decode_cpu_seconds(args: argparse.Namespace, root: Path) -> float:
     import torch
 
     from lit_anomaly.data import MVTecAD
-    from lit_anomaly.data.base import AnomalyDataset, keep_freed_memory
+    from lit_anomaly.data.dataset import AnomalyDataset
+    from lit_anomaly.utils.process import keep_freed_memory
 
     keep_freed_memory()  # as the loader workers do
     torch.set_num_threads(1)  # as in a loader worker; this process measures nothing else
@@ -89,8 +90,8 @@ def measure(args: argparse.Namespace) -> dict:
     from pytorch_lightning import Callback, seed_everything
     from pytorch_lightning.profilers import SimpleProfiler
 
-    from lit_anomaly.data.base import keep_freed_memory
     from lit_anomaly.pipelines import run_benchmark_category
+    from lit_anomaly.utils.process import keep_freed_memory
 
     keep_freed_memory()  # as the `lit-anomaly` command does for its process
     seed_everything(0, verbose=False)  # as the command does too: repeats with --random-init measure one model
@@ -123,7 +124,7 @@ def measure(args: argparse.Namespace) -> dict:
         {"class_path": "MVTecAD", "init_args": data_args},
         args.category,
         trainer=trainer,
-    )
+    ).report
     wall = time.perf_counter() - started
     spent = {action: sum(durations) for action, durations in profiler.recorded_durations.items()}
 

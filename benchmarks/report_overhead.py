@@ -68,11 +68,12 @@ def measure_page_work(root: Path, output: Path, workers: int, categories: int) -
     report.html (render and atomic write)."""
     import yaml
 
-    import lit_anomaly.pipelines.benchmark as pipeline
+    import lit_anomaly.pipelines.category as category
+    from lit_anomaly.pipelines import run_benchmark
     from lit_anomaly.reporting.run_folder import RunFolder
 
     spent = {"hard_cases": 0.0, "page": 0.0}
-    hard_cases, write_report = pipeline._hard_cases, RunFolder.write_report
+    hard_cases, write_report = category.hard_case_overlays, RunFolder.write_report
 
     def timed_hard_cases(*args, **kwargs):
         started = time.perf_counter()
@@ -88,12 +89,12 @@ def measure_page_work(root: Path, output: Path, workers: int, categories: int) -
             write_report(folder, report, None, None, html)
         spent["page"] += time.perf_counter() - started
 
-    pipeline._hard_cases, RunFolder.write_report = timed_hard_cases, timed_write_report
+    category.hard_case_overlays, RunFolder.write_report = timed_hard_cases, timed_write_report
     config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").read_text())
     data_args = {**config["data"]["init_args"], "root": str(root), "num_workers": workers}
     data_args.pop("category")
     started = time.perf_counter()
-    pipeline.run_benchmark(
+    run_benchmark(
         config["model"], {"class_path": "MVTecAD", "init_args": data_args}, "all", config["trainer"],
         {"output_dir": str(output)},
     )  # fmt: skip

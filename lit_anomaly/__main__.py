@@ -17,7 +17,7 @@ def run() -> int:
       afresh at every forward pass.
     """
     gc.disable()
-    from .data.base import keep_freed_memory
+    from .utils.process import keep_freed_memory
 
     keep_freed_memory()
     from .cli import main

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from pytorch_lightning.callbacks import BasePredictionWriter
 
-from ..reporting.run_folder import RunError, sanitize, write_atomic
+from ..utils.files import RunError, sanitize, write_atomic
 
 
 def output_names(paths: Sequence[str | Path]) -> dict[str, Path]:

@@ -8,6 +8,10 @@ import torch.nn.functional as F
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor
 
+from ..metrics.calibration import Calibration
+from ..metrics.evaluation import TestResult
+from ..reporting.hard_cases import colour_range, result_records, select_hard_cases
+
 
 def heatmap(values: Tensor) -> Tensor:
     """(N, H, W) in [0, 1] to (N, 3, H, W) RGB on a black-red-yellow-white ramp."""
@@ -33,12 +37,15 @@ def overlay(images: Tensor, maps: Tensor, masks: Tensor, low: float, high: float
 
 
 class TensorBoardArtifacts(pl.Callback):
-    """Histograms of calibration and test scores; the top-k normals and bottom-k anomalies as overlays.
+    """Histograms of calibration and test scores; the hardest cases (highest-scoring normals, lowest-scoring
+    anomalies) as overlays, chosen and coloured as report.html chooses and colours them.
 
     Args:
         num_images: overlays per kind (highest-scoring normals, lowest-scoring anomalies).
         image_size: overlay size in px (square).
     """
+
+    KINDS = {"false_alarm": "highest_scoring_normals", "missed_defect": "lowest_scoring_anomalies"}
 
     def __init__(self, num_images: int = 4, image_size: int = 192) -> None:
         self.num_images = num_images
@@ -46,35 +53,32 @@ class TensorBoardArtifacts(pl.Callback):
 
     @staticmethod
     def _writer(trainer: pl.Trainer):
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                return logger.experiment
-        return None
+        if not trainer.is_global_zero:
+            return None
+        return next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_calibration(self, trainer: pl.Trainer, calibration: Calibration) -> None:
         writer = self._writer(trainer)
-        calibration = pl_module.calibration
-        if writer is None or not trainer.is_global_zero or calibration is None or calibration.n == 0:
-            return
-        writer.add_histogram("calibration/scores", calibration.scores, trainer.current_epoch)
+        if writer is not None and calibration.n > 0:
+            writer.add_histogram("calibration/scores", calibration.scores, trainer.current_epoch)
 
-    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_test_result(self, trainer: pl.Trainer, result: TestResult) -> None:
         writer = self._writer(trainer)
-        result = pl_module.test_result
-        if writer is None or not trainer.is_global_zero or result is None:
+        if writer is None:
             return
         scores, labels = result.score.float(), result.label
         for name, label in (("normal", 0), ("anomalous", 1)):
             if (labels == label).any():
                 writer.add_histogram(f"test/scores_{name}", scores[labels == label], 0)
-        maps, masks = result.maps, result.masks
-        low, high = float(maps.min()), float(maps.max())
+        low, high = colour_range(result.maps, labels)
+        position = {int(i): p for p, i in enumerate(result.index.tolist())}
+        cases = select_hard_cases(result_records(result), self.num_images)
         size = (self.image_size, self.image_size)
-        for tag, label, descending in (("highest_scoring_normals", 0, True), ("lowest_scoring_anomalies", 1, False)):
-            positions = torch.nonzero(labels == label).flatten()
-            if len(positions) == 0:
+        for kind, tag in self.KINDS.items():
+            chosen = torch.tensor([position[c["index"]] for c in cases if c["kind"] == kind], dtype=torch.long)
+            if len(chosen) == 0:
                 continue
-            chosen = positions[scores[positions].argsort(descending=descending)[: self.num_images]]
             images = F.interpolate(result.images[chosen].float() / 255, size, mode="bilinear", antialias=True)
-            writer.add_images(f"test/{tag}", overlay(images, maps[chosen], masks[chosen], low, high), 0)
+            pictures = overlay(images, result.maps[chosen], result.masks[chosen], low, high)
+            writer.add_images(f"test/{tag}", pictures.clamp(0, 1), 0)
         writer.flush()

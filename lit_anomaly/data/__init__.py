@@ -1,9 +1,10 @@
-"""Datamodules: one per dataset family, all yielding the batch contract of DESIGN.md."""
+"""Datamodules: one per dataset family, all yielding the batch contract of docs/ARCHITECTURE.md."""
 
-from .base import AnomalyDataModule, DatasetError, Sample
 from .btad import BTAD
+from .datamodule import AnomalyDataModule
 from .folder import Folder
 from .mvtec import MVTecAD, MVTecAD2, MVTecLOCO
+from .samples import DatasetError, Sample
 from .synthetic import SyntheticMVTecAD, write_synthetic
 from .visa import VisA
 

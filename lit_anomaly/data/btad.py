@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import AnomalyDataModule, Sample, labelled_folder
+from .datamodule import AnomalyDataModule
+from .samples import Sample, labelled_folder
 
 NESTED = "BTech_Dataset_transformed"
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import AnomalyDataModule, DatasetError, Sample, labelled_folder, subfolders
+from .datamodule import AnomalyDataModule
+from .samples import DatasetError, Sample, labelled_folder, subfolders
 
 NORMAL_NAMES = ("good", "normal", "ok")
 

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .base import AnomalyDataModule, DatasetError, Sample, labelled_folder, list_images, subfolders
+from .datamodule import AnomalyDataModule
+from .samples import DatasetError, Sample, labelled_folder, list_images, subfolders
 
 
 def _test_folders(test_root: Path, mask_root: Path) -> list[Sample]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from .base import AnomalyDataModule, DatasetError, Sample, labelled_folder, subfolders
+from .datamodule import AnomalyDataModule
+from .samples import DatasetError, Sample, labelled_folder, subfolders
 
 SPLIT_CSV = Path("split_csv") / "1cls.csv"
 CSV_COLUMNS = ("object", "split", "label", "image", "mask")

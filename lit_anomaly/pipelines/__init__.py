@@ -1,3 +1,6 @@
-from .benchmark import RunConfig, run_benchmark, run_benchmark_all, run_benchmark_category
+"""Pipelines: the category loop, one category's fit, calibrate and test, and the Trainer rules they share."""
 
-__all__ = ["RunConfig", "run_benchmark", "run_benchmark_all", "run_benchmark_category"]
+from .category import CategoryOutcome, run_benchmark_category
+from .loop import RunConfig, run_benchmark, run_benchmark_all
+
+__all__ = ["CategoryOutcome", "RunConfig", "run_benchmark", "run_benchmark_all", "run_benchmark_category"]

@@ -11,9 +11,10 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from ..utils.files import RunError, check_output_file, sanitize, to_json, write_atomic
 from .figures import RUN_COLOURS, Curve, curve_plot, roc_points
 from .html import figure, labelled, metric_cell, number, page, read_records, table
-from .run_folder import HEADLINE_METRICS, RunError, aggregate, check_output_file, sanitize, to_json, write_atomic
+from .report import HEADLINE_METRICS, aggregate
 from .statistics import delong_test, rank_summary
 
 

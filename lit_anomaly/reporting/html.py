@@ -12,8 +12,9 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from ..utils.files import sanitize
 from .figures import ANOMALOUS, NORMAL, Curve, curve_plot, png_uri, pr_points, roc_points, score_histogram
-from .run_folder import HEADLINE_METRICS, sanitize
+from .report import HEADLINE_METRICS
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1180px;
@@ -252,12 +253,3 @@ def hard_cases(cases: Sequence[Mapping], directory: Path, threshold: float | Non
         if shown:
             html.append(f"<h3>{escape(title)}</h3><div class='cases'>{''.join(shown)}</div>")
     return "".join(html)
-
-
-def select_hard_cases(records: Sequence[Mapping], count: int) -> list[dict[str, Any]]:
-    """The `count` highest-scored normal images (false alarms first) and `count` lowest-scored anomalous ones."""
-    fields = ("index", "path", "defect_type", "label", "score")
-    normal = sorted((r for r in records if r.get("label") == 0), key=lambda r: -r["score"])[:count]
-    anomalous = sorted((r for r in records if r.get("label") == 1), key=lambda r: r["score"])[:count]
-    return [{**{k: r.get(k) for k in fields}, "kind": kind}
-            for kind, chosen in (("false_alarm", normal), ("missed_defect", anomalous)) for r in chosen]  # fmt: skip

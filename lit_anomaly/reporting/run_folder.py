@@ -1,90 +1,15 @@
-"""Run folders: atomic files, report.json, per-image JSONL, aggregation over categories. Knows dicts only."""
+"""Run folders: creating, locking and resuming one, and writing its reports and per-image JSONL. Knows dicts only."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import platform
-import re
-import subprocess
-import tempfile
-from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime, timezone
+from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
-from ..metrics.classification import IMAGE_KEYS, PIXEL_KEYS
-
-SCHEMA_VERSION = 1
-HEADLINE_METRICS = IMAGE_KEYS + PIXEL_KEYS
-
-
-class RunError(ValueError):
-    """A run folder or output path that cannot be used; the message names it."""
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def replace_atomic(temporary: Path, path: Path) -> None:
-    """Give a finished temporary file the user's normal permissions, flush it to disk and move it over `path`:
-    a kill or a full disk leaves the previous file or none, never half a file."""
-    try:
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp creates 0600
-        with open(temporary, "rb+") as stream:
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def temporary_beside(path: Path) -> Path:
-    """An empty temporary file in `path`'s folder (created if needed), for `replace_atomic`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    return Path(temporary)
-
-
-def check_output_file(path: str | Path, flag: str, what: str) -> Path:
-    """`path` for an output file given by `flag`, refused before any work if it cannot be written there."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise RunError(f"{flag} {path} is a folder; expected a file path for {what}")
-    if not path.parent.is_dir():
-        raise RunError(f"{flag} {path}: folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK):
-        raise RunError(f"{flag} {path}: folder {path.parent} is not writable")
-    return path
-
-
-def write_atomic(path: Path, data: str | bytes | Callable[[Path], None]) -> None:
-    """Write `data` (or let `data(temporary_path)` write) via a temporary file in the same folder, fsync and
-    rename: readers never see half a file."""
-    temporary = temporary_beside(path)
-    try:
-        if callable(data):
-            data(temporary)
-        else:
-            temporary.write_bytes(data.encode() if isinstance(data, str) else data)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    replace_atomic(temporary, path)
-
-
-def to_json(document: Any) -> str:
-    return json.dumps(document, indent=2, allow_nan=False, default=str) + "\n"
-
-
-def sanitize(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "run"
+from ..utils.files import RunError, sanitize, to_json, write_atomic
 
 
 def default_run_dir(parent: Path, dataset: str, model: str, create: bool) -> Path:
@@ -130,56 +55,6 @@ def config_differences(old: dict, new: dict) -> list[str]:
     a, b = flatten(old), flatten(new)
     keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     return [k for k in keys if not k.startswith(RESUMABLE_DIFFERENCES)]
-
-
-def aggregate(per_category: dict[str, dict], keys: Iterable[str] = HEADLINE_METRICS) -> tuple[dict, dict]:
-    """Mean and population std of each metric over the categories that finished with a value for it."""
-    means, stds = {}, {}
-    for key in keys:
-        values = [
-            r["metrics"][key]
-            for r in per_category.values()
-            if r.get("status") == "ok" and r["metrics"].get(key) is not None
-        ]
-        if values:
-            mean = sum(values) / len(values)
-            means[key] = mean
-            stds[key] = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
-        else:
-            means[key] = stds[key] = None
-    return means, stds
-
-
-def _git_commit() -> str | None:
-    try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() or None if result.returncode == 0 else None
-
-
-def environment(device: str | None = None) -> dict[str, Any]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    packages = {}
-    for name in ("torch", "torchvision", "pytorch-lightning", "torchmetrics", "timm", "numpy", "jsonargparse"):
-        try:
-            packages[name] = version(name)
-        except PackageNotFoundError:
-            packages[name] = None
-    import torch
-
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "packages": packages,
-        "device": device,
-        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-        "cpu_count": os.cpu_count(),
-        "git_commit": _git_commit(),
-    }
 
 
 LOCK_NAME = ".lock"
@@ -320,31 +195,3 @@ class RunFolder:
                     f"--run.output {copy_to}: cannot write the report copy ({error.strerror or error}); the run's "
                     f"results are in {self.path}"
                 ) from error
-
-
-def build_report(
-    dataset: str,
-    model: str,
-    categories: Sequence[str],
-    per_category: dict[str, dict],
-    run_dir: Path | None,
-    config: dict,
-    env: dict,
-    wall_s: float | None = None,
-) -> dict[str, Any]:
-    means, stds = aggregate(per_category)
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "lit_anomaly_version": __version__,
-        "timestamp_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "dataset": dataset,
-        "model": model,
-        "categories": list(categories),
-        "per_category": per_category,
-        "mean_metrics": means,
-        "std_metrics": stds,
-        "run_dir": str(run_dir) if run_dir else None,
-        "wall_s": wall_s,
-        "config": config,
-        "environment": env,
-    }

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..base import AnomalyModule, fold_assignment
+from ..lifecycle import AnomalyModule, fold_assignment
 from .torch_model import PaDiMModel, gaussian
 
 

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..base import AnomalyModule, fold_assignment, gather_by_index
+from ...utils.distributed import gather_by_index
+from ..lifecycle import AnomalyModule, fold_assignment
 from .torch_model import PatchCoreModel
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..base import TrainedAnomalyModule
+from ..trained import TrainedAnomalyModule
 from .torch_model import ReverseDistillationModel
 
 

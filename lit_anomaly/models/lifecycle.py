@@ -4,79 +4,29 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
 from torch import Tensor
 
-from ..metrics import image_metrics, pixel_auroc_aupro_and_pro_curve, resolve_quantile
+from ..metrics import resolve_quantile
 from ..metrics.calibration import SPLIT, TRAIN, Calibration, ThresholdCalibrator
+from ..metrics.evaluation import TestResult, evaluate_test
+from ..utils.distributed import gather_by_index
 from .components import blur_kernel_size
 
 
-class FrozenDDPStrategy(DDPStrategy):
-    """DDP that leaves a module without trainable parameters unwrapped.
+@runtime_checkable
+class ResultListener(Protocol):
+    """A callback that takes the detector's results as they are made: its calibration (after fit, or after the
+    validate that calibrates a trained detector) and its test result, gathered over ranks. Results are handed
+    on, never left on the detector for others to read."""
 
-    torch's DistributedDataParallel refuses such modules, yet memory-bank detectors still need
-    DDP's processes, sampler and collectives; they gather what they learn themselves.
-    """
+    def on_calibration(self, trainer: pl.Trainer, calibration: Calibration) -> None: ...
 
-    def configure_ddp(self) -> None:
-        if any(p.requires_grad for p in self.model.parameters()):
-            super().configure_ddp()
-
-
-def frozen_ddp(strategy: Any, devices: Any = 1, num_nodes: int = 1) -> Any:
-    """The strategy to give a Trainer of a detector without trainable parameters: Lightning's DDP flavours
-    (by name, or "auto" over several devices or nodes) become FrozenDDPStrategy; anything else passes through.
-    Only trainers that lit-anomaly builds get it: Lightning's own registry is left alone."""
-    if isinstance(strategy, str) and strategy in StrategyRegistry:
-        entry = StrategyRegistry[strategy]
-        if entry["strategy"] is DDPStrategy:
-            return FrozenDDPStrategy(**entry["init_params"])
-    count = device_count(devices)
-    if strategy in (None, "auto") and (count is None or count > 1 or (num_nodes or 1) > 1):
-        return FrozenDDPStrategy()  # DDP over what turns out to be one device is one process
-    return strategy
-
-
-def device_count(devices: Any) -> int | None:
-    """How many devices a Trainer's `devices` names, as Lightning reads it: a count (the command line gives it
-    as a string, "2"), indices ([0, 1] or "0,1"); None where only the accelerator knows ("auto", -1)."""
-    if isinstance(devices, (list, tuple)):
-        return len(devices)
-    text = str(devices).strip()
-    if "," in text:
-        return len([index for index in text.split(",") if index.strip()])
-    try:
-        count = int(text)
-    except ValueError:
-        return None
-    return count if count >= 0 else None
-
-
-def unused_epochs_warning(detector: type, max_epochs: Any) -> str | None:
-    """What to tell a user who asked a detector that fits in one pass for more epochs (`setup` sets one)."""
-    if getattr(detector, "trains_with_gradients", True) or max_epochs in (None, 1):
-        return None
-    return f"{detector.__name__} fits in one pass over train: --trainer.max_epochs {max_epochs} is not used"
-
-
-def gather_by_index(module: pl.LightningModule, index: Tensor, *values: Tensor) -> tuple[Tensor, ...]:
-    """Rows of every rank, de-duplicated by `index` (DistributedSampler pads with repeats) and sorted by it."""
-    if module.trainer.world_size > 1:
-        index = module.all_gather(index).flatten(0, 1)
-        values = tuple(module.all_gather(v).flatten(0, 1) for v in values)
-    if len(index) < 2 or bool((index[1:] > index[:-1]).all()):
-        return (index, *values)  # one process, sequential sampler: nothing to sort, no copies
-    index, order = index.sort(stable=True)
-    first = torch.ones_like(index, dtype=torch.bool)
-    first[1:] = index[1:] != index[:-1]
-    return (index[first], *(v[order][first] for v in values))
+    def on_test_result(self, trainer: pl.Trainer, result: TestResult) -> None: ...
 
 
 def parse_calibration(value: str) -> tuple[str, int]:
@@ -97,22 +47,6 @@ def fold_assignment(n: int, folds: int, seed: int = 0) -> Tensor:
     return assignment
 
 
-@dataclass
-class TestResult:
-    """What a test epoch produced, gathered over ranks and sorted by test index."""
-
-    index: Tensor
-    score: Tensor  # float64, raw scale
-    label: Tensor
-    pred: Tensor | None  # score >= threshold, None without a threshold
-    maps: Tensor  # (N, H, W) at the evaluation resolution
-    masks: Tensor  # (N, H, W) bool
-    images: Tensor  # (N, 3, h, w) uint8, as the detector saw them: overlays need not decode them again
-    metrics: dict[str, float | None]
-    notes: dict[str, str]
-    curves: dict[str, Any] = field(default_factory=dict)  # the PRO curve for plots, where masks exist
-
-
 def class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -126,7 +60,7 @@ class AnomalyModule(pl.LightningModule):
     k-fold). The validation loop scores held-out or validation normals, if the data has any, with the
     final model. All these scores calibrate the threshold by the rank rule (`ThresholdCalibrator`);
     the result is `self.calibration`, and the threshold is a buffer, so checkpoints carry it.
-    test: image and pixel metrics on raw scores, returned as `self.test_result`.
+    test: image and pixel metrics on raw scores (`evaluate_test`), handed to every `ResultListener` callback.
 
     Args:
         calibration_quantile: threshold quantile q in (0, 1): at most a share 1 - q of good parts the
@@ -160,8 +94,7 @@ class AnomalyModule(pl.LightningModule):
         self.register_buffer("fitted", torch.tensor(False))
         # the input size [H, W] the detector was fitted at (0, 0 before): a checkpoint carries its preprocessing
         self.register_buffer("fit_image_size", torch.zeros(2, dtype=torch.long))
-        self.calibration: Calibration | None = None
-        self.test_result: TestResult | None = None
+        self.calibration: Calibration | None = None  # the fitted threshold's provenance, saved in checkpoints
 
     # ---- what a detector provides -----------------------------------------------------------
     def learn(self, batch: dict[str, Any]) -> None:
@@ -341,6 +274,11 @@ class AnomalyModule(pl.LightningModule):
         self.threshold.fill_(math.nan if calibration.threshold is None else calibration.threshold)
         if calibration.threshold is not None:
             self.log("threshold", calibration.threshold, sync_dist=True)
+        for listener in self._listeners():
+            listener.on_calibration(self.trainer, calibration)
+
+    def _listeners(self) -> list[ResultListener]:
+        return [callback for callback in self.trainer.callbacks if isinstance(callback, ResultListener)]
 
     # ---- test -------------------------------------------------------------------------------
     def _check_fitted(self) -> None:
@@ -384,39 +322,15 @@ class AnomalyModule(pl.LightningModule):
             torch.cat([s["index"] for s in self._test]),
             *(torch.cat([s[k] for s in self._test]) for k in keys),
         )
-        results = dict(zip(keys, (v.cpu() for v in values), strict=True), index=index.cpu())
+        outputs = dict(zip(keys, (v.cpu() for v in values), strict=True), index=index.cpu())
         self._test = []
-        threshold = self.calibrated_threshold
-        metrics, notes = image_metrics(results["score"], results["label"], threshold)
-        pixel, curves = self.pixel_metrics(results, notes)
-        metrics.update(pixel)
-        self.test_result = TestResult(
-            index=results["index"], score=results["score"], label=results["label"],
-            pred=(results["score"] >= threshold).long() if threshold is not None else None,
-            maps=results["map"], masks=results["mask"], images=results["image"], metrics=metrics, notes=notes,
-            curves=curves,
-        )  # fmt: skip
-        logged = {f"test/{k}": v for k, v in metrics.items() if v is not None}
-        if threshold is not None:
-            logged["test/threshold"] = threshold
+        result = evaluate_test(outputs, self.calibrated_threshold, self.aupro_fpr_limit)
+        logged = {f"test/{k}": v for k, v in result.metrics.items() if v is not None}
+        if result.threshold is not None:
+            logged["test/threshold"] = result.threshold
         self.log_dict(logged, sync_dist=True)
-
-    def pixel_metrics(
-        self, results: dict[str, Tensor], notes: dict[str, str]
-    ) -> tuple[dict[str, float | None], dict[str, Any]]:
-        usable = results["has_mask"] & (results["label"] >= 0)
-        maps, masks = results["map"][usable], results["mask"][usable]
-        empty = int(((results["label"] == 1) & results["has_mask"] & ~results["mask"].flatten(1).any(1)).sum())
-        if empty:
-            notes["masks_empty"] = (
-                f"{empty} anomalous test images have an all-zero mask: they add normal pixels only to the pixel metrics"
-            )
-        if not masks.any() or masks.all():
-            reason = "no ground-truth masks for anomalous test images" if not masks.any() else "no normal pixels"
-            notes.update(pixel_auroc=reason, pixel_aupro=reason)
-            return {"pixel_auroc": None, "pixel_aupro": None}, {}
-        auroc, pro, curve = pixel_auroc_aupro_and_pro_curve(maps, masks, self.aupro_fpr_limit)
-        return {"pixel_auroc": auroc, "pixel_aupro": pro}, {"pro": curve}
+        for listener in self._listeners():
+            listener.on_test_result(self.trainer, result)
 
     # ---- predict ----------------------------------------------------------------------------
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
@@ -428,71 +342,3 @@ class AnomalyModule(pl.LightningModule):
         output["pred"] = output["score"] >= threshold if threshold is not None else None
         output.update(index=batch["index"], path=batch["path"], threshold=threshold, failed=batch["failed"])
         return output
-
-
-class TrainedAnomalyModule(AnomalyModule):
-    """Lifecycle of detectors trained by gradient steps (STFPM, Reverse Distillation).
-
-    fit: Lightning's training loop minimises `loss`; during fit, the validation loop logs `val_loss`
-    on held-out normals (never anomaly labels), for EarlyStopping and TensorBoard. Calibration is a
-    separate `Trainer.validate` after fit: the final weights score the held-out (or the family's own
-    validation) normals and the rank rule sets the threshold. Retraining per fold would cost too
-    much, so train images are not scored out of sample.
-    """
-
-    trains_with_gradients = True
-
-    def __init__(
-        self,
-        calibration_quantile: float | None = None,
-        contamination: float | None = None,
-        pixel_eval_size: int | None = None,
-        aupro_fpr_limit: float = 0.3,
-    ) -> None:
-        super().__init__(calibration_quantile, contamination, "none", pixel_eval_size, aupro_fpr_limit)
-
-    def loss(self, images: Tensor) -> Tensor:
-        return self.model.loss(images)
-
-    def forward(self, images: Tensor) -> dict[str, Tensor]:
-        return self.model(images)
-
-    def _calibrating(self) -> bool:
-        return self.trainer.state.fn == "validate"
-
-    def on_train_epoch_start(self) -> None:
-        pass
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss = self.loss(batch["image"])
-        if not torch.isfinite(loss):  # scores would be nan: every metric silently wrong
-            raise ValueError(
-                f"{type(self).__name__} training diverged (loss {float(loss)} at step {self.global_step}); "
-                "lower --model.lr"
-            )
-        self.log("train_loss", loss, on_step=True, on_epoch=True, batch_size=len(batch["image"]))
-        return loss
-
-    def on_train_epoch_end(self) -> None:
-        pass
-
-    def on_train_end(self) -> None:
-        self.fitted.fill_(True)
-        self.calibration = Calibration(None, self.quantile, "none", 0, None, None)  # until validate calibrates
-
-    def on_validation_epoch_start(self) -> None:
-        if self._calibrating():
-            self.calibrator.reset()
-            self._calibration_seconds, self._validation_started = 0.0, time.perf_counter()
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        if self._calibrating():
-            self.calibrator.update(self.score(batch["image"])["score"], batch["index"], SPLIT)
-        else:
-            loss = self.loss(batch["image"])
-            self.log("val_loss", loss, on_epoch=True, sync_dist=True, batch_size=len(batch["image"]))
-
-    def on_validation_epoch_end(self) -> None:
-        if self._calibrating():
-            self._calibration_seconds = time.perf_counter() - self._validation_started
-            self._calibrate(None)

@@ -304,11 +304,11 @@ def test_command_freezes_the_import_time_objects_keeps_freed_memory_and_returns_
     import gc
 
     import lit_anomaly.cli
-    import lit_anomaly.data.base
+    import lit_anomaly.utils.process
     from lit_anomaly.__main__ import run
 
     calls = []  # the policy itself is tested on a loader worker (test_data); not applied to the test process
-    monkeypatch.setattr(lit_anomaly.data.base, "keep_freed_memory", lambda: calls.append("policy"))
+    monkeypatch.setattr(lit_anomaly.utils.process, "keep_freed_memory", lambda: calls.append("policy"))
     monkeypatch.setattr(lit_anomaly.cli, "main", lambda: calls.append("main") or 3)
     try:
         assert run() == 3

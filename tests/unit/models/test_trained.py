@@ -12,6 +12,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lit_anomaly.callbacks import ResultCollector, result_collector
 from lit_anomaly.data import MVTecAD, write_synthetic
 from lit_anomaly.models import STFPM, ReverseDistillation
 from lit_anomaly.models.components import BackboneError
@@ -33,6 +34,7 @@ def datamodule(root, **kwargs):
 def trainer(**kwargs) -> pl.Trainer:
     defaults = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False}
     defaults |= {"enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0}
+    defaults |= {"callbacks": [ResultCollector()]}
     return pl.Trainer(**{**defaults, **kwargs})
 
 
@@ -41,7 +43,7 @@ def fit_calibrate_test(model, dm, **trainer_kwargs):
     lightning.fit(model, datamodule=dm)
     lightning.validate(model, datamodule=dm, verbose=False)
     lightning.test(model, datamodule=dm, verbose=False)
-    return model.test_result.metrics
+    return result_collector(lightning).test_result.metrics
 
 
 # (train batch size, epochs): enough steps, at each detector's default learning rate, that quality does not
@@ -73,15 +75,15 @@ def test_resumed_training_ends_where_uninterrupted_training_does(trained_root, t
         lightning.fit(model, datamodule=datamodule(trained_root), ckpt_path=ckpt_path)
         lightning.validate(model, datamodule=datamodule(trained_root), verbose=False)
         lightning.test(model, datamodule=datamodule(trained_root), verbose=False)
-        return model
+        return model, result_collector(lightning).test_result
 
-    straight = run(4)
+    straight, straight_result = run(4)
     checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     run(2, callbacks=[checkpoints], enable_checkpointing=True)  # "interrupted" after 2 epochs
-    resumed = run(4, ckpt_path=str(tmp_path / "last.ckpt"))
-    assert torch.allclose(resumed.test_result.score, straight.test_result.score, rtol=1e-6, atol=0)
-    for key, value in straight.test_result.metrics.items():
-        assert resumed.test_result.metrics[key] == pytest.approx(value, abs=1e-6), key
+    resumed, resumed_result = run(4, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert torch.allclose(resumed_result.score, straight_result.score, rtol=1e-6, atol=0)
+    for key, value in straight_result.metrics.items():
+        assert resumed_result.metrics[key] == pytest.approx(value, abs=1e-6), key
     assert resumed.calibration.threshold == pytest.approx(straight.calibration.threshold, rel=1e-6)
 
 

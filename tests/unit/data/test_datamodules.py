@@ -12,14 +12,9 @@ import torch
 from PIL import Image
 
 from lit_anomaly.data import BTAD, DatasetError, Folder, MVTecAD, MVTecAD2, MVTecLOCO, VisA, write_synthetic
-from lit_anomaly.data.base import (
-    LOADER_WORKER_NICENESS,
-    keep_freed_memory,
-    read_image,
-    read_mask,
-    to_float_batch,
-    to_rgb_array,
-)
+from lit_anomaly.data.dataset import to_float_batch
+from lit_anomaly.data.image_io import read_image, read_mask, to_rgb_array
+from lit_anomaly.utils.process import LOADER_WORKER_NICENESS, keep_freed_memory
 
 CLASSES = {
     "MVTecAD": MVTecAD,
@@ -325,7 +320,7 @@ def test_predict_dir_needs_no_dataset_tree(tmp_path, family_roots):
 
 
 def test_decode_cache_serves_a_second_run_and_misses_changed_files(family_roots, tmp_path, monkeypatch):
-    import lit_anomaly.data.base as base
+    import lit_anomaly.data.dataset as base
 
     root = family_roots["MVTecAD"]
     first = batches(make("MVTecAD", root, cache_dir=tmp_path / "cache"), "test")

@@ -85,7 +85,7 @@ def test_two_process_ddp_matches_one_device(ddp_root, tmp_path, model, category)
 def test_a_frozen_detector_on_several_devices_gets_ddp_without_gradients(devices, several):
     """`--trainer.devices 2` arrives as the string "2": it was taken for one device, so Lightning chose its
     DDP, which refuses a module without trainable parameters (every category failed)."""
-    from lit_anomaly.models.base import FrozenDDPStrategy, frozen_ddp
+    from lit_anomaly.utils.distributed import FrozenDDPStrategy, frozen_ddp
 
     assert isinstance(frozen_ddp("auto", devices), FrozenDDPStrategy) == several
 

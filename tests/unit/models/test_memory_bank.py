@@ -5,6 +5,7 @@ import pytorch_lightning as pl
 import torch
 import torchvision
 
+from lit_anomaly.callbacks import ResultCollector, result_collector
 from lit_anomaly.data import MVTecAD
 from lit_anomaly.models import PaDiM, PatchCore
 from lit_anomaly.models.components import (
@@ -32,7 +33,7 @@ DETECTORS = {"PatchCore": PatchCore, "PaDiM": PaDiM}
 def trainer(**kwargs) -> pl.Trainer:
     return pl.Trainer(
         accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        num_sanity_val_steps=0, enable_model_summary=False, **kwargs,
+        num_sanity_val_steps=0, enable_model_summary=False, callbacks=[ResultCollector()], **kwargs,
     )  # fmt: skip
 
 
@@ -40,7 +41,7 @@ def fit_test(model, datamodule, **trainer_kwargs):
     t = trainer(**trainer_kwargs)
     t.fit(model, datamodule=datamodule)
     t.test(model, datamodule=datamodule, verbose=False)
-    return model.test_result.metrics, t
+    return result_collector(t).test_result.metrics, t
 
 
 @pytest.mark.parametrize("name", list(DETECTORS))
@@ -72,15 +73,16 @@ def test_checkpoint_round_trip_restores_threshold_and_model(name, mvtec_root, tm
     model.eval(), restored.eval()
     with torch.no_grad():
         assert torch.allclose(model(images)["score"], restored(images)["score"])
-    trainer().test(restored, datamodule=dm, verbose=False)  # a restored detector tests without refitting
-    assert restored.test_result.metrics["image_auroc"] is not None
+    tester = trainer()
+    tester.test(restored, datamodule=dm, verbose=False)  # a restored detector tests without refitting
+    assert result_collector(tester).test_result.metrics["image_auroc"] is not None
 
 
 def test_test_result_keeps_the_images_the_detector_saw_for_the_overlays(mvtec_root):
     dm = MVTecAD(mvtec_root, "tile", image_size=64, num_workers=0)
     model = PatchCore(backbone="efficientnet_lite0", pretrained=False)
-    fit_test(model, dm)
-    result, dataset = model.test_result, dm.dataloader("test").dataset
+    _, t = fit_test(model, dm)
+    result, dataset = result_collector(t).test_result, dm.dataloader("test").dataset
     assert result.images.dtype == torch.uint8 and len(result.images) == len(dataset)
     for position, index in enumerate(result.index.tolist()):
         assert torch.equal(result.images[position], dataset[index]["image"])  # the loader's bytes, not re-decoded

@@ -14,8 +14,9 @@ from PIL import Image
 from lit_anomaly.cli import main
 from lit_anomaly.data import write_synthetic
 from lit_anomaly.metrics.classification import IMAGE_KEYS, image_metrics
+from lit_anomaly.metrics.intervals import bootstrap_intervals, image_statistics
 from lit_anomaly.pipelines import run_benchmark
-from lit_anomaly.reporting.statistics import bootstrap_intervals, delong_test, image_statistics, rank_summary
+from lit_anomaly.reporting.statistics import delong_test, rank_summary
 
 CASES = 2  # hardest cases per kind
 SECTION = re.compile(r"<section id='category-([^']+)'>(.*?)</section>", re.S)
@@ -107,7 +108,7 @@ def test_html_false_writes_no_page(tmp_path):
 
 
 def test_a_failing_overlay_costs_the_category_nothing(tmp_path, monkeypatch, capsys):
-    import lit_anomaly.pipelines.benchmark as pipeline
+    import lit_anomaly.reporting.hard_cases as pipeline
 
     def broken(*args, **kwargs):
         raise OSError("disk gone")
