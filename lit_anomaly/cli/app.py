@@ -168,7 +168,7 @@ def main(args: Sequence[str] | None = None) -> int:
             sys.argv = [sys.argv[0], *args]
         with quiet_lightning():
             cli = _cli(None if from_argv else args, args[0] if args else None)
-    except SIGTERMException:  # a SystemExit without a code: re-raised, it ended the process with status 0
+    except SIGTERMException:  # a SystemExit without a code: re-raised, it would exit 0
         return fail(f"terminated (SIGTERM); {KEPT}", 128 + signal.SIGTERM)
     except SystemExit as exit_:  # --help (0); Lightning's graceful shutdown after Ctrl+C (1)
         if not exit_.code:

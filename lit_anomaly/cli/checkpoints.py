@@ -52,7 +52,7 @@ def with_checkpoint_classes(args: list[str], path: str, checkpoint: dict[str, An
     if classes.get("data") and not flag_values(args, "--data"):
         extra += ["--data", classes["data"]]
         for key in ("root", "category", "image_size"):
-            if key in data_args:  # a string as it is: JSON's quotes stayed in the root, '"/data/line3"'
+            if key in data_args:  # a string as it is: JSON would quote a root
                 value = data_args[key]
                 extra.append(f"--data.{key}={value if isinstance(value, str) else json.dumps(value)}")
     return [args[0], *extra, *args[1:]]

@@ -122,8 +122,7 @@ class AnomalyModule(pl.LightningModule):
             "data": class_path(type(datamodule)) if datamodule is not None else None,
         }
         # LightningCLI reads a checkpoint's arguments as those of the class named here, as it records for a
-        # detector it built; without it, one built in Python failed `predict` with "Option 'backbone' is not
-        # accepted"
+        # detector it built: a detector built in Python then loads in `predict` as one built by the CLI
         checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY, {}).setdefault("_class_path", class_path(type(self)))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

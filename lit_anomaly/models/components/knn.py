@@ -19,8 +19,8 @@ def nearest_neighbors(
     on shape, so a query's distances never depend on how many other queries came with it. The nearest
     neighbour alone (k = 1, every score) is reduced tile by tile, `tile` = (queries, bank rows), so the
     distances never leave the cache: the full distance matrix would be written to memory and read back,
-    which costs more than the products. 512 queries a tile are 10-20 % faster than 256 on two AVX-512 cores
-    (152-1536 channels, 6k-16k bank rows); 1024 gained 0-8 % more, and pads a short batch further.
+    which costs more than the products. 512 queries a tile balance cache reuse against padding a short batch
+    (docs/PERFORMANCE.md has the measurement).
     """
     bank = bank.to(queries.dtype)
     bank_norms = (bank * bank).sum(1)
