@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from pytorch_lightning.callbacks import BasePredictionWriter
 
+from ..data.image_io import shown_size
 from ..utils.files import RunError, sanitize, write_atomic
 
 
@@ -137,7 +138,7 @@ class PredictionWriter(BasePredictionWriter):
 
     def _write_map(self, path: Path, anomaly_map: Any, threshold: float | None, category: str, split: str) -> None:
         with Image.open(path) as image:
-            width, height = image.size
+            width, height = shown_size(image)  # the map lines up with the image as a viewer shows it
         resized = F.interpolate(anomaly_map[None].float(), (height, width), mode="bilinear")[0, 0].cpu().numpy()
         name = self._names.get(str(path), Path(sanitize(path.stem)))
         relative = Path(category, split, name.parent)

@@ -31,7 +31,7 @@ from ..pipelines.trainer import (
 from ..utils.distributed import process_rank
 from ..utils.files import RunError
 from ..utils.process import quiet_lightning
-from .arguments import check_class_names, flag_values
+from .arguments import check_class_names, check_config_files, flag_values
 from .checkpoints import check_checkpoint, with_checkpoint_classes
 from .config import make_dumpable
 from .errors import INPUT_ERRORS, error_message, fail
@@ -160,6 +160,7 @@ def main(args: Sequence[str] | None = None) -> int:
         sys.stdout = sys.stderr  # Lightning's tables and progress bars must not corrupt the JSON on stdout
     try:
         check_class_names(args)
+        check_config_files(args)
         for path in flag_values(args, "--ckpt_path"):  # LightningCLI reads it before any hook of ours runs
             checkpoint = check_checkpoint(path)
             if args[0] in ("predict", "test", "validate"):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
 
 from ..data import DATAMODULES
 from ..models import MODELS
@@ -21,3 +24,21 @@ def check_class_names(args: Sequence[str]) -> None:
             is_name = value.isidentifier()  # not a dotted class path, a dict or a file
             if is_name and value not in registry:
                 raise ValueError(f"unknown {flag} {value!r}; valid: {', '.join(registry)}")
+
+
+def check_config_files(args: Sequence[str]) -> None:
+    """A --config that is empty, or holds a list or a single value instead of settings, named in one line
+    (jsonargparse says only "Unexpected config"). Unreadable and invalid YAML are left to its own report."""
+    for value in flag_values(args, "--config"):
+        path = Path(value).expanduser()
+        try:
+            content = yaml.safe_load(path.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        if content is None:
+            raise ValueError(f"--config {value} is empty; expected YAML settings such as model:, data: and trainer:")
+        if not isinstance(content, dict):
+            raise ValueError(
+                f"--config {value} holds a {type(content).__name__}, not settings; expected YAML keys such as "
+                "model:, data: and trainer:"
+            )

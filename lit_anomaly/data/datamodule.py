@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from ..utils.process import init_loader_worker
 from .cache import DecodeCache
 from .dataset import AnomalyDataset, collate, to_float_batch
-from .image_io import DEFAULT_MAX_IMAGE_PIXELS, check_pixels
+from .image_io import DEFAULT_MAX_IMAGE_PIXELS, check_pixels, has_alpha, shown_size
 from .samples import IMAGE_EXTENSIONS, SPLITS, DatasetError, Sample, is_hidden, limit_test_samples
 
 
@@ -201,18 +201,19 @@ class AnomalyDataModule(pl.LightningDataModule):
     def _check_headers(self, samples: list[Sample]) -> dict[str, str]:
         """Open every image and mask header (no decoding): a file that cannot be read or is too large fails
         here, on every DDP rank alike, before any fitting; masks of another size or missing are noted."""
-        resized, missing = [], []
+        resized, missing, alpha = [], [], []
         for sample in samples:
             try:
                 with Image.open(sample.path) as image:
                     check_pixels(image, sample.path, self.max_image_pixels)
-                    size = image.size
+                    size = shown_size(image)
                 for mask_path in sample.masks:
                     with Image.open(mask_path) as mask:
-                        if mask.size != size:
-                            resized.append(
-                                f"{mask_path} ({mask.size[0]}x{mask.size[1]} for a {size[0]}x{size[1]} image)"
-                            )
+                        mask_size = shown_size(mask)
+                        if has_alpha(mask):
+                            alpha.append(f"{mask_path} (mode {mask.mode})")
+                    if mask_size != size:
+                        resized.append(f"{mask_path} ({mask_size[0]}x{mask_size[1]} for a {size[0]}x{size[1]} image)")
             except DatasetError:
                 raise
             except Exception as error:
@@ -223,6 +224,11 @@ class AnomalyDataModule(pl.LightningDataModule):
         if resized:
             notes["masks_resized"] = (
                 f"{len(resized)} masks differ in size from their image and were resized (nearest), e.g. {resized[0]}"
+            )
+        if alpha:
+            notes["masks_alpha"] = (
+                f"{len(alpha)} masks carry an alpha channel, read only where the grey or colour channels are all "
+                f"zero and the alpha varies, e.g. {alpha[0]}"
             )
         if missing:
             notes["masks_missing"] = (

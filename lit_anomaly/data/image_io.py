@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .samples import DatasetError
 
@@ -66,12 +66,34 @@ def _resize(array: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
     return resized.permute(1, 2, 0).reshape(*size, *array.shape[2:]).numpy()
 
 
+EXIF_ORIENTATION = 0x0112
+_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag of `image` (1: stored as shown), read from the header without decoding."""
+    try:
+        value = image.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # a broken EXIF block: the pixels are shown as stored
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def shown_size(image: Image.Image) -> tuple[int, int]:
+    """(W, H) of `image` as a viewer shows it, after its EXIF orientation."""
+    width, height = image.size
+    return (height, width) if orientation(image) in _TRANSPOSED_ORIENTATIONS else (width, height)
+
+
 def read_image(path: Path, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Decode `path` and resize to `size` (H, W) with antialiasing; returns (H, W, 3) uint8."""
+    """Decode `path`, turned as its EXIF orientation says (as every viewer shows it), and resize to `size`
+    (H, W) with antialiasing; returns (H, W, 3) uint8."""
     with Image.open(path) as image:
         check_pixels(image, path, max_pixels)
         if image.format == "JPEG":
             image.draft("RGB", (size[1], size[0]))  # decode JPEGs at reduced scale when much larger
+        if orientation(image) != 1:
+            return _resize(to_rgb_array(ImageOps.exif_transpose(image)), size, "bilinear")
         if image.mode == "L":  # a monochrome camera's frame: decoded and resized as one plane, then repeated
             grey = _read_pillow_or_spng(path, image, None, ("L",))
             return np.repeat(_resize(grey, size, "bilinear")[..., None], 3, axis=2)
@@ -79,12 +101,33 @@ def read_image(path: Path, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_
     return _resize(array, size, "bilinear")
 
 
+def mask_values(values: np.ndarray) -> np.ndarray:
+    """Defect pixels of a decoded mask: any positive value in its colour or grey channels. An alpha channel
+    (grey + alpha, RGBA) is read only where it carries the mask: when the colour channels are all zero and
+    the alpha varies. An opaque background's alpha is never taken for defect."""
+    if values.ndim == 2:
+        return values > 0
+    if values.shape[2] not in (2, 4):
+        return values.max(axis=2) > 0
+    colour, alpha = values[..., :-1].max(axis=2), values[..., -1]
+    if not colour.any() and alpha.min() != alpha.max():
+        return alpha > 0
+    return colour > 0
+
+
+def has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("LA", "PA", "RGBA", "La", "RGBa") or "transparency" in image.info
+
+
 def read_mask(paths: Sequence[Path], size: tuple[int, int]) -> np.ndarray:
-    """OR of the masks at `paths` (any positive value is defect), nearest-resized to `size`: (H, W) uint8."""
+    """OR of the masks at `paths` (`mask_values`), turned as their EXIF orientation says and nearest-resized
+    to `size`: (H, W) uint8."""
     out = np.zeros(size, dtype=np.uint8)
     for path in paths:
         with Image.open(path) as mask:
-            values = _read_pillow_or_spng(path, mask, None, _SPNG_RAW_MODES)
-        binary = (values.max(axis=2) if values.ndim == 3 else values) > 0
-        out |= _resize(binary.view(np.uint8), size, "nearest-exact")
+            if orientation(mask) != 1:
+                values = np.asarray(ImageOps.exif_transpose(mask))
+            else:
+                values = _read_pillow_or_spng(path, mask, None, _SPNG_RAW_MODES)
+        out |= _resize(mask_values(values).view(np.uint8), size, "nearest-exact")
     return out

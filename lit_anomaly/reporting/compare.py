@@ -185,7 +185,7 @@ def compare_page(runs: Sequence[Run], document: dict[str, Any]) -> str:
             cells.append(f"<td class='{css}'>{shown}{delta}</td>")
         summary_rows.append(cells)
     ranks = document["ranks"]
-    rank_text = ", ".join(f"{names[i]} {r:.2f}" for i, r in enumerate(ranks["mean_rank"]))
+    rank_text = ", ".join(f"{names[i]} {number(r, 2)}" for i, r in enumerate(ranks["mean_rank"]))
     friedman = (f"Friedman's test over {len(ranks['categories'])} categories: χ² = {ranks['friedman_statistic']:.3g}, "
                 f"p = {ranks['friedman_p']:.3g}." if ranks["friedman_p"] is not None else
                 "Friedman's test needs at least three runs and two categories.")  # fmt: skip

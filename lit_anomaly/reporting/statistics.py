@@ -61,11 +61,12 @@ def delong_test(scores_a: Sequence[float], scores_b: Sequence[float], labels: Se
 @dataclass
 class RankSummary:
     """Mean rank of each run over the categories all runs finished (1 = best), and Friedman's test of
-    whether the runs differ at all (None with fewer than three runs or two categories)."""
+    whether the runs differ at all (None with fewer than three runs or two categories). Without a category
+    that every run finished, every mean rank is None."""
 
     metric: str
     categories: list[str]
-    mean_rank: list[float]
+    mean_rank: list[float | None]
     friedman_statistic: float | None
     friedman_p: float | None
 
@@ -76,7 +77,7 @@ def rank_summary(values: Sequence[Mapping[str, float | None]], metric: str) -> R
 
     shared = [c for c in values[0] if all(v.get(c) is not None for v in values)] if values else []
     if not shared:
-        return RankSummary(metric, [], [float("nan")] * len(values), None, None)
+        return RankSummary(metric, [], [None] * len(values), None, None)
     table = np.array([[v[c] for c in shared] for v in values])  # runs x categories
     ranks = rankdata(-table, axis=0)  # per category, over runs
     statistic = p_value = None

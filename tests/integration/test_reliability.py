@@ -103,6 +103,15 @@ def test_malformed_yaml_names_the_file_and_line(root, tmp_path, capsys):
     fails(capsys, ["fit+test", "--config", str(config)], 2, config, "line 4")
 
 
+@pytest.mark.parametrize(
+    ("content", "says"), [("", "is empty"), ("# only a comment\n", "is empty"), ("- a\n", "holds a list")]
+)
+def test_a_config_without_settings_names_the_file(tmp_path, capsys, content, says):
+    config = tmp_path / "config.yaml"
+    config.write_text(content)
+    fails(capsys, ["fit+test", "--config", str(config)], 2, config, says)
+
+
 def test_weights_path_that_is_not_weights(root, tmp_path, capsys):
     text = tmp_path / "weights.txt"
     text.write_text("101\n")

@@ -156,6 +156,24 @@ def test_compare_tables_match_both_reports(runs, tmp_path, capsys):
     assert "Not in the means (failed in at least one run): wood" in page
 
 
+@pytest.mark.parametrize("state", ["every-category-failed", "still-running"])
+def test_compare_with_a_run_that_finished_no_category_exits_cleanly(runs, tmp_path, capsys, state):
+    other = shutil.copytree(runs["PaDiM"], tmp_path / "other")
+    report = json.loads((other / "report.json").read_text())
+    if state == "still-running":  # its first category has not finished: report.json is written from the start
+        report["per_category"] = {}
+        shutil.rmtree(other / "categories")
+    else:
+        for category in report["per_category"]:
+            report["per_category"][category] = {"status": "failed", "error": "RuntimeError: out of memory"}
+    (other / "report.json").write_text(json.dumps(report))
+    output = tmp_path / "c.html"
+    assert main(["compare", str(runs["PatchCore"]), str(other), "--output", str(output)]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["ranks"]["mean_rank"] == [None, None] and document["finished_categories"] == []
+    html5lib.HTMLParser(strict=True).parse(output.read_text())
+
+
 def test_compare_means_cover_only_the_categories_every_run_finished(runs, tmp_path, capsys):
     # a category one run failed must leave every run's mean, or the runs are averaged over different categories
     padim = shutil.copytree(runs["PaDiM"], tmp_path / "PaDiM")
