@@ -3,41 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Sequence
-from functools import partial
 from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from pytorch_lightning.callbacks import BasePredictionWriter
+from torch import Tensor
 
-from ..data.image_io import shown_size
-from ..utils.files import RunError, sanitize, write_atomic
-
-
-def output_names(paths: Sequence[str | Path]) -> dict[str, Path]:
-    """A unique relative name (no suffix) per input path, for its map files: the path below the inputs'
-    common folder, so `a.png` and `sub/a.png` stay apart; files differing only in suffix (`b.png`,
-    `b.jpg`) keep it (`b.png`, `b.jpg`). Every part is sanitised, so no name leads outside the output folder."""
-    paths = [Path(p) for p in paths]
-    if not paths:
-        return {}
-    root = Path(os.path.commonpath([p.parent for p in paths]))
-    stems = [p.relative_to(root).with_suffix("") for p in paths]
-    taken: dict[Path, int] = {}
-    for stem in stems:
-        taken[stem] = taken.get(stem, 0) + 1
-    names = {}
-    for path, stem in zip(paths, stems, strict=True):
-        relative = path.relative_to(root) if taken[stem] > 1 else stem
-        names[str(path)] = Path(*(sanitize(part) for part in relative.parts))
-    return names
+from ..runtime.files import RunError, sanitize, write_atomic
+from ..runtime.image import shown_size
+from ..runtime.outputs import map_at_image_size, output_names, prediction_line, write_map_files
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -98,17 +76,13 @@ class PredictionWriter(BasePredictionWriter):
         lines = []
         for i, path in enumerate(prediction["path"]):
             score = float(prediction["score"][i])
-            lines.append({
-                "index": int(prediction["index"][i]), "path": path, "category": category, "score": score,
-                "threshold": threshold, "pred": int(score >= threshold) if threshold is not None else None,
-            })  # fmt: skip
+            lines.append(prediction_line(int(prediction["index"][i]), path, category, score, threshold))
             if self.save_maps:
                 self._write_map(Path(path), prediction["anomaly_map"][i], threshold, category, split)
         for failure in prediction["failed"]:
-            lines.append({
-                "index": failure["index"], "path": failure["path"], "category": category, "score": None,
-                "threshold": threshold, "pred": None, "error": failure["error"],
-            })  # fmt: skip
+            lines.append(
+                prediction_line(failure["index"], failure["path"], category, None, threshold, failure["error"])
+            )
         self.failed += len(prediction["failed"])
         self.written += len(lines)
         with self._lines_path(trainer).open("a") as stream:
@@ -136,17 +110,9 @@ class PredictionWriter(BasePredictionWriter):
         trainer.strategy.barrier("predictions merged")
         own.unlink()
 
-    def _write_map(self, path: Path, anomaly_map: Any, threshold: float | None, category: str, split: str) -> None:
+    def _write_map(self, path: Path, anomaly_map: Tensor, threshold: float | None, category: str, split: str) -> None:
         with Image.open(path) as image:
-            width, height = shown_size(image)  # the map lines up with the image as a viewer shows it
-        resized = F.interpolate(anomaly_map[None].float(), (height, width), mode="bilinear")[0, 0].cpu().numpy()
+            size = shown_size(image)  # the map lines up with the image as a viewer shows it
+        resized = map_at_image_size(anomaly_map[0].float().cpu().numpy(), size)
         name = self._names.get(str(path), Path(sanitize(path.stem)))
-        relative = Path(category, split, name.parent)
-        maps = Image.fromarray(resized.astype(np.float32), mode="F")
-        write_atomic(
-            self.output_dir / "anomaly_images" / relative / f"{name.name}.tiff", partial(maps.save, format="TIFF")
-        )
-        if threshold is not None:
-            binary = Image.fromarray(((resized >= threshold) * 255).astype(np.uint8))
-            path = self.output_dir / "anomaly_images_thresholded" / relative / f"{name.name}.png"
-            write_atomic(path, partial(binary.save, format="PNG"))
+        write_map_files(self.output_dir, name, category, split, resized, threshold)

@@ -17,6 +17,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from ..callbacks import PredictionWriter, ResultCollector
 from ..data import AnomalyDataModule
 from ..models import AnomalyModule
+from ..models.checkpoints import check_checkpoint
 from ..pipelines import RunConfig, run_benchmark
 from ..pipelines.specs import model_spec
 from ..pipelines.trainer import (
@@ -28,11 +29,12 @@ from ..pipelines.trainer import (
     unused_epochs_warning,
     warn,
 )  # fmt: skip
+from ..runtime import EngineMissing
+from ..runtime.files import RunError
 from ..utils.distributed import process_rank
-from ..utils.files import RunError
 from ..utils.process import quiet_lightning
 from .arguments import check_class_names, check_config_files, flag_values
-from .checkpoints import check_checkpoint, with_checkpoint_classes
+from .checkpoints import with_checkpoint_classes
 from .config import make_dumpable
 from .errors import INPUT_ERRORS, error_message, fail
 
@@ -154,6 +156,8 @@ def main(args: Sequence[str] | None = None) -> int:
     args = [a for a in args if a != "--verbose"]
     if args[:1] == ["compare"]:
         return _compare(args[1:], verbose)
+    if args[:1] == ["export"]:
+        return _export(args[1:], verbose)
     json_stream = sys.stdout
     printing_config = any(a.startswith("--print_config") for a in args) or "-h" in args or "--help" in args
     if not printing_config:
@@ -194,6 +198,24 @@ def main(args: Sequence[str] | None = None) -> int:
         json_stream.write(json.dumps(report, default=str) + "\n")
         json_stream.flush()
     return 1 if any(r["status"] != "ok" for r in report["per_category"].values()) else 0
+
+
+def _export(args: Sequence[str], verbose: bool) -> int:
+    """`lit-anomaly export --ckpt_path FILE --format onnx|openvino --output DIR [--precision] [--check DIR]`."""
+    from .export import main as export
+
+    json_stream, sys.stdout = sys.stdout, sys.stderr  # the exporters' chatter stays off the JSON on stdout
+    try:
+        with quiet_lightning():
+            return export(args, json_stream)
+    except SystemExit as exit_:  # argparse: --help (0) or a usage error (2), already printed
+        return int(exit_.code or 0)
+    except (*INPUT_ERRORS, EngineMissing) as error:
+        return fail(error_message(error, args), 2, error if verbose else None)
+    except Exception as error:
+        return fail(error_message(error, args), 1, error if verbose else None)
+    finally:
+        sys.stdout = json_stream
 
 
 def _compare(args: Sequence[str], verbose: bool) -> int:

@@ -12,11 +12,18 @@ from jsonargparse import ArgumentError
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 
 from ..data import DatasetError
+from ..export import ExportError
+from ..models.checkpoints import CheckpointError
 from ..models.components import BackboneError
-from ..utils.files import RunError
+from ..runtime.bundle import BundleError
+from ..runtime.engines import EngineMissing
+from ..runtime.files import RunError
+from ..runtime.image import ImageError
 from .arguments import flag_values
-from .checkpoints import CheckpointError
 
+OUR_ERRORS = (
+    DatasetError, BackboneError, RunError, CheckpointError, BundleError, ImageError, ExportError, EngineMissing,
+)  # fmt: skip
 INPUT_ERRORS = (ArgumentError, ValueError, BackboneError, RunError, FileNotFoundError, MisconfigurationException)
 
 
@@ -52,7 +59,7 @@ def error_message(error: BaseException, args: Sequence[str] = ()) -> str:
     chain = [error]
     while (chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 50:
         chain.append(chain[-1].__cause__ or chain[-1].__context__)
-    ours = next((e for e in chain if isinstance(e, (DatasetError, BackboneError, RunError, CheckpointError))), None)
+    ours = next((e for e in chain if isinstance(e, OUR_ERRORS)), None)
     if ours is None:
         ours = next((e for e in chain if type(e) is ValueError and str(e).startswith("--")), None)
     if ours is not None:

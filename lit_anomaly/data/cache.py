@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..utils.files import write_atomic
+from ..runtime.files import write_atomic
 
 CACHE_VERSION = 2  # bump when decoding or resizing changes
 

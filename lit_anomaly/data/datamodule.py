@@ -16,7 +16,7 @@ from ..utils.process import init_loader_worker
 from .cache import DecodeCache
 from .dataset import AnomalyDataset, collate, to_float_batch
 from .image_io import DEFAULT_MAX_IMAGE_PIXELS, check_pixels, has_alpha, shown_size
-from .samples import IMAGE_EXTENSIONS, SPLITS, DatasetError, Sample, is_hidden, limit_test_samples
+from .samples import IMAGE_EXTENSIONS, SPLITS, DatasetError, Sample, images_below, limit_test_samples
 
 
 class AnomalyDataModule(pl.LightningDataModule):
@@ -237,19 +237,10 @@ class AnomalyDataModule(pl.LightningDataModule):
             )
         return notes
 
-    def _in_hidden(self, path: Path) -> bool:
-        """`path` under `predict_dir` is hidden, or lies in a hidden folder there (`is_hidden`)."""
-        relative = path.relative_to(self.predict_dir)
-        return any(is_hidden(part) for part in (relative, *relative.parents))
-
     def _predict_dir_samples(self) -> list[Sample]:
         if not self.predict_dir.is_dir():
             raise DatasetError(f"--data.predict_dir {self.predict_dir} does not exist or is not a folder")
-        images = [
-            p
-            for p in sorted(self.predict_dir.rglob("*"))
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not self._in_hidden(p)
-        ]
+        images = images_below(self.predict_dir)
         if not images:
             raise DatasetError(f"--data.predict_dir {self.predict_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         return [Sample(p, -1, "unknown") for p in images]

@@ -7,7 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+from ..runtime.outputs import IMAGE_EXTENSIONS, images_below, is_hidden
+
+__all__ = ["IMAGE_EXTENSIONS", "SPLITS", "DatasetError", "Sample", "images_below", "is_hidden"]
 SPLITS = ("train", "calibration", "test", "predict")
 
 
@@ -21,12 +23,6 @@ class Sample:
     label: int  # 0 normal, 1 anomalous, -1 unknown
     defect_type: str
     masks: tuple[Path, ...] = ()  # several masks (MVTec LOCO) are OR-ed together
-
-
-def is_hidden(path: Path) -> bool:
-    """A dot name: never data. Copies from a Mac to FAT or network drives leave a `._NAME.png` beside every
-    image (AppleDouble metadata, not a PNG), and Jupyter leaves `.ipynb_checkpoints/` folders of copies."""
-    return path.name.startswith(".")
 
 
 def list_images(folder: Path) -> list[Path]:

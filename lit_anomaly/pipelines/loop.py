@@ -15,8 +15,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..data import DatasetError, Folder
 from ..reporting import RunFolder, build_report, environment
+from ..runtime.files import RunError, check_output_file
 from ..utils.distributed import process_rank
-from ..utils.files import RunError, check_output_file
 from ..utils.process import quiet_lightning, stopping_on_signals
 from .category import CategoryOutcome, failed_category, run_benchmark_category
 from .shared_logger import finalize, share

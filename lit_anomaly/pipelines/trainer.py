@@ -15,8 +15,8 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from ..callbacks import ResultCollector, TensorBoardArtifacts, result_collector
 from ..metrics.calibration import Calibration
 from ..models import AnomalyModule
+from ..runtime.files import replace_atomic, sanitize
 from ..utils.distributed import frozen_ddp, process_rank
-from ..utils.files import replace_atomic, sanitize
 from .shared_logger import for_category
 
 TRAINER_DEFAULTS: dict[str, Any] = {

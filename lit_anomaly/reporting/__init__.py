@@ -1,6 +1,6 @@
 """Reporting: run folders, the report.json schema, hard cases, report.html and compare. Knows dicts."""
 
-from ..utils.files import RunError, write_atomic
+from ..runtime.files import RunError, write_atomic
 from .report import HEADLINE_METRICS, aggregate, build_report, environment
 from .run_folder import RunFolder
 

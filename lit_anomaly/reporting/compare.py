@@ -11,7 +11,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from ..utils.files import RunError, check_output_file, sanitize, to_json, write_atomic
+from ..runtime.files import RunError, check_output_file, sanitize, to_json, write_atomic
 from .figures import RUN_COLOURS, Curve, curve_plot, roc_points
 from .html import figure, labelled, metric_cell, number, page, read_records, table
 from .report import HEADLINE_METRICS, aggregate

@@ -12,7 +12,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from ..utils.files import sanitize
+from ..runtime.files import sanitize
 from .figures import ANOMALOUS, NORMAL, Curve, curve_plot, png_uri, pr_points, roc_points, score_histogram
 from .report import HEADLINE_METRICS
 

@@ -9,7 +9,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ..utils.files import RunError, sanitize, to_json, write_atomic
+from ..runtime.files import RunError, sanitize, to_json, write_atomic
 
 
 def default_run_dir(parent: Path, dataset: str, model: str, create: bool) -> Path:

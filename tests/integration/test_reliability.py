@@ -21,7 +21,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from lit_anomaly.cli import main
 from lit_anomaly.data import write_synthetic
 from lit_anomaly.pipelines.trainer import save_checkpoint
-from lit_anomaly.utils.files import write_atomic
+from lit_anomaly.runtime.files import write_atomic
 from lit_anomaly.utils.process import stopping_on_signals
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}

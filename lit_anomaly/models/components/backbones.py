@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .batchnorm_folding import FoldedNorm, fold_batchnorm, fold_saved_norms
+from .graph import exporting
 from .same_padding import replace_padded_copies
 
 # Our short names for timm models whose weights we can find without a hub.
@@ -238,9 +239,12 @@ class FeatureExtractor(nn.Module):
 
         oneDNN and cuDNN pick kernels by batch size, and their results differ in the last bits; so
         with `canonical_batch` set, images go through in chunks of exactly that size (the last one
-        padded) and an image's features never depend on how a loader or a DDP shard batched it.
+        padded) and an image's features never depend on how a loader or a DDP shard batched it. An exported
+        graph takes any batch in one pass: its runtime picks kernels of its own.
         """
         x = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        if exporting():
+            return [f.float().contiguous() for f in channels_first(self.model(x), self.model)]
         chunk = self.canonical_batch or len(x)
         outputs = []
         for start in range(0, len(x), chunk):

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .graph import exporting
+
 
 def nearest_neighbors(
     queries: Tensor, bank: Tensor, k: int = 1, max_elements: int = 2**26, tile: tuple[int, int] = (512, 1024)
@@ -24,6 +26,9 @@ def nearest_neighbors(
     """
     bank = bank.to(queries.dtype)
     bank_norms = (bank * bank).sum(1)
+    if exporting():  # one product for the whole batch: a graph has no loops to tile with
+        squared, indices = torch.addmm(bank_norms, queries, bank.T, alpha=-2.0).topk(k, dim=1, largest=False)
+        return squared.add((queries * queries).sum(1, keepdim=True)).clamp_min(0).sqrt(), indices
     n = len(queries)
     chunk = tile[0] if k == 1 else 1 << max(6, min(14, (max_elements // max(1, len(bank))).bit_length() - 1))
     padded = F.pad(queries, (0, 0, 0, -n % chunk))
@@ -65,6 +70,9 @@ def nearest_distances(
     the indices that only the reweighting needs. `bank_norms`: the bank's squared row norms, if already known."""
     bank = bank.to(queries.dtype)
     bank_norms = (bank * bank).sum(1) if bank_norms is None else bank_norms
+    if exporting():  # one product for the whole batch: a graph has no loops to tile with
+        squared = torch.addmm(bank_norms, queries, bank.T, alpha=-2.0).amin(1)
+        return squared.add((queries * queries).sum(1)).clamp_min(0).sqrt()
     n = len(queries)
     padded = F.pad(queries, (0, 0, 0, -n % tile[0]))
     distances = []

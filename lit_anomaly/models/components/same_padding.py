@@ -13,6 +13,8 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .graph import exporting
+
 
 class CopyFreeConv2dSame(nn.Conv2d):
     """A Conv2d with TensorFlow's "SAME" padding for any input size (dilation 1), padding inside the convolution.
@@ -26,7 +28,9 @@ class CopyFreeConv2dSame(nn.Conv2d):
             max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
             for size, kernel, stride in zip(x.shape[-2:], self.kernel_size, self.stride, strict=True)
         )  # "SAME"'s total padding; an odd total puts its extra row or column after the input
-        if x.is_cuda:  # timm's padded copy: cuDNN's depthwise kernels for 4x4 and 6x6 have not been measured here
+        # timm's padded copy on CUDA (cuDNN's depthwise kernels for 4x4 and 6x6 have not been measured here) and in
+        # an exported graph (ONNX convolutions need a kernel of known shape)
+        if x.is_cuda or exporting():
             x = F.pad(x, (width // 2, width - width // 2, height // 2, height - height // 2))
             return F.conv2d(x, self.weight, self.bias, self.stride, 0, 1, self.groups)
         weight = F.pad(self.weight, (width % 2, 0, height % 2, 0)) if height % 2 or width % 2 else self.weight
