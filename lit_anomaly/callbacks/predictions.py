@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from operator import itemgetter
 from pathlib import Path
 from typing import Any
@@ -11,11 +12,13 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 from pytorch_lightning.callbacks import BasePredictionWriter
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
 from ..runtime.files import RunError, sanitize, write_atomic
 from ..runtime.image import shown_size
 from ..runtime.outputs import map_at_image_size, output_names, prediction_line, write_map_files
+from ..runtime.signals import DeferredSignals
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -53,9 +56,9 @@ class PredictionWriter(BasePredictionWriter):
         return self.output_dir / f"predictions{suffix}.jsonl"
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._lines_path(trainer).write_text("")
         self.failed = self.written = 0
+        self._started = False  # the folder and file are made with the first batch: a refused run leaves none
+        self._signals = DeferredSignals().start()  # Lightning's predict loop never checks for SIGTERM
         samples = trainer.datamodule.samples("predict") if trainer.datamodule is not None else []
         self._names = output_names([s.path for s in samples])
 
@@ -85,8 +88,17 @@ class PredictionWriter(BasePredictionWriter):
             )
         self.failed += len(prediction["failed"])
         self.written += len(lines)
+        if not self._started:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self._started = True
         with self._lines_path(trainer).open("a") as stream:
             stream.writelines(json.dumps(line) + "\n" for line in lines)
+        if self._signals.received is not None:  # the batch in hand is on disk, whole: stop here
+            raise KeyboardInterrupt if self._signals.received == signal.SIGINT else SIGTERMException
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "predict" and hasattr(self, "_signals"):
+            self._signals.stop()
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # each DDP rank scored its share: every rank holds the totals, so rank 0's exit status counts all files
@@ -101,14 +113,14 @@ class PredictionWriter(BasePredictionWriter):
         Each rank's file stays until the merged one is on disk."""
         own = self._lines_path(trainer)
         shares = [None] * trainer.world_size if trainer.global_rank == 0 else None
-        torch.distributed.gather_object(own.read_text(), shares, dst=0)
+        torch.distributed.gather_object(own.read_text() if own.exists() else "", shares, dst=0)  # a rank may get none
         if shares is not None:  # Lightning's predict sampler gives every input to one rank: no repeats to drop
             records = sorted(
                 (json.loads(line) for share in shares for line in share.splitlines()), key=itemgetter("index")
             )
             write_atomic(self.output_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         trainer.strategy.barrier("predictions merged")
-        own.unlink()
+        own.unlink(missing_ok=True)
 
     def _write_map(self, path: Path, anomaly_map: Tensor, threshold: float | None, category: str, split: str) -> None:
         with Image.open(path) as image:

@@ -30,7 +30,7 @@ from ..pipelines.trainer import (
     warn,
 )  # fmt: skip
 from ..runtime import EngineMissing
-from ..runtime.files import RunError
+from ..runtime.files import RunError, check_output_folder
 from ..utils.distributed import process_rank
 from ..utils.process import quiet_lightning
 from .arguments import check_class_names, check_config_files, flag_values
@@ -91,6 +91,8 @@ class LitAnomalyCLI(LightningCLI):
         if model_class is not None and data_args is not None and self.subcommand != FIT_TEST:
             for key, value in hold_out(model_class, data_args).items():  # fit+test's loop does it per category
                 data_args[key] = value
+        if config.trainer.get("default_root_dir"):
+            check_output_folder(config.trainer.default_root_dir, "--trainer.default_root_dir")
         if self.subcommand == "fit":  # fit+test's loop says it itself
             warn([unused_epochs_warning(model_class, config.trainer.get("max_epochs"))])
         if self.subcommand == "predict" and config.trainer.get("logger") is None:

@@ -275,7 +275,12 @@ class AnomalyDataModule(pl.LightningDataModule):
         return self.dataloader("calibration")  # validation during fit = scoring held-out normals
 
     def test_dataloader(self) -> DataLoader:
+        if not self.samples("test"):
+            raise DatasetError(self._no_test_images())
         return self.dataloader("test")
+
+    def _no_test_images(self) -> str:
+        return f"no test images found under {self.category_root / 'test'}"
 
     def predict_dataloader(self) -> DataLoader:
         return self.dataloader("predict")

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from .cache import DecodeCache
-from .image_io import DEFAULT_MAX_IMAGE_PIXELS, read_image, read_mask
+from .image_io import DEFAULT_MAX_IMAGE_PIXELS, as_tensor, read_image, read_mask
 from .samples import DatasetError, Sample
 
 
@@ -56,9 +56,9 @@ class AnomalyDataset(Dataset):
         except DatasetError as error:
             return {"index": index, "path": str(sample.path), "error": str(error)}
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "image": as_tensor(image.transpose(2, 0, 1)),
             "label": torch.tensor(sample.label, dtype=torch.long),
-            "mask": torch.from_numpy(mask)[None],
+            "mask": as_tensor(mask)[None],
             "has_mask": torch.tensor(sample.label == 0 or bool(sample.masks)),
             "index": torch.tensor(index, dtype=torch.long),
             "path": str(sample.path),

@@ -48,6 +48,9 @@ class Folder(AnomalyDataModule):
         if not (self.root / "train").is_dir():
             raise DatasetError(self._missing_root_message(self.root / "train"))
 
+    def _no_test_images(self) -> str:
+        return f"missing test folder {self.root / 'test'}, needed to test.\nExpected tree:\n{self.EXPECTED_TREE}"
+
     def _train_folder(self) -> Path:
         return _normal_folder(self.root / "train") or self.root / "train" / "good"
 
@@ -57,7 +60,7 @@ class Folder(AnomalyDataModule):
     def _test_samples(self) -> list[Sample]:
         test_root = self.root / "test"
         if not test_root.is_dir():
-            raise DatasetError(f"missing test folder {test_root}.\nExpected tree:\n{self.EXPECTED_TREE}")
+            return []  # fitting needs no test images; testing says what is missing (`_no_test_images`)
         normal = _normal_folder(test_root)
         samples = labelled_folder(normal, 0, "good") if normal else []
         for folder in (p for p in subfolders(test_root) if p != normal):

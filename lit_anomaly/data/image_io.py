@@ -26,12 +26,19 @@ def check_pixels(image: Image.Image, path: Path, max_pixels: int) -> None:
     _check_pixels(image, path, max_pixels, DatasetError, PIXEL_LIMIT_FLAG)
 
 
+def as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor over `array`'s memory, or over a copy where the array is read-only (Pillow's arrays, the decode
+    cache's memory maps): torch warns about, and must never write to, memory that is not its own."""
+    array = np.ascontiguousarray(array)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
 def _resize(array: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
     """(H, W) or (H, W, C) uint8 to `size` with torch's uint8 kernels: bilinear with antialias (the runtime's
     `resize_uint8` to the bit); nearest-exact picks the pixels Pillow's NEAREST picks."""
     if array.shape[:2] == tuple(size):
         return array
-    planes = torch.from_numpy(np.ascontiguousarray(array)).view(*array.shape[:2], -1).permute(2, 0, 1)[None]
+    planes = as_tensor(array).view(*array.shape[:2], -1).permute(2, 0, 1)[None]
     antialias = mode == "bilinear"
     resized = torch.nn.functional.interpolate(planes, size=tuple(size), mode=mode, antialias=antialias)[0]
     return resized.permute(1, 2, 0).reshape(*size, *array.shape[2:]).numpy()

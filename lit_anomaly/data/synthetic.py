@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from .mvtec import MVTecAD
+from .samples import DatasetError
 
 DEFECTS = ("scratch", "stain", "hole", "crack")
 FAMILIES = ("MVTecAD", "MVTecAD2", "MVTecLOCO", "BTAD", "VisA", "Folder")
@@ -326,8 +327,14 @@ def ensure_demo_dataset(root: Path) -> Path:
     marker = root / ".complete"
     if marker.exists():
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=root.parent))
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=root.parent))
+    except OSError as error:
+        raise DatasetError(
+            f"cannot create the demo's data folder {root} ({error.strerror or error}); point --data.root to a "
+            "writable folder (or set XDG_CACHE_HOME)"
+        ) from error
     write_synthetic(staging, "MVTecAD", SyntheticMVTecAD.DEMO_CATEGORIES, 66, 24, 24, image_size=256)
     (staging / ".complete").touch()
     try:

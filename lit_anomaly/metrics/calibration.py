@@ -83,7 +83,12 @@ class Calibration:
         return provenance
 
     def shortfall_message(self) -> str | None:
-        """One line for stderr when the promised share had to be weakened, else None."""
+        """One line for stderr when the promised share had to be weakened or there is no threshold, else None."""
+        if self.n == 0:
+            return (
+                "no normal image could be scored out of sample (fewer than two train images, or no held-out "
+                "normals): there is no threshold, so every pred is null; give at least two train normals"
+            )
         if not self.short_of_normals:
             return None
         return (

@@ -281,6 +281,12 @@ class AnomalyModule(pl.LightningModule):
 
     # ---- test -------------------------------------------------------------------------------
     def _check_fitted(self) -> None:
+        checkpoint = getattr(self.trainer, "ckpt_path", None) if self._trainer is not None else None
+        if not bool(self.fitted) and checkpoint:
+            raise ValueError(
+                f"--ckpt_path {checkpoint} holds a {type(self).__name__} that was never fitted (its fit ran no "
+                "training step); fit it again with at least one epoch"
+            )
         if not bool(self.fitted):
             raise ValueError(
                 f"the {type(self).__name__} detector is not fitted: fit it first, or pass --ckpt_path FILE "

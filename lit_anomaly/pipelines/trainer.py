@@ -92,6 +92,12 @@ def finish_fit(
     """After `trainer.fit`: a trained detector's final weights score the held-out normals (a validate run) to
     calibrate; then the fitted, calibrated detector is saved to `checkpoint`, if given. Returns the calibration."""
     collector = result_collector(trainer)
+    if not bool(detector.fitted):
+        raise ValueError(
+            f"--trainer.max_epochs {trainer.max_epochs}, --trainer.max_steps {trainer.max_steps} and "
+            f"--trainer.limit_train_batches {trainer.limit_train_batches} left {type(detector).__name__} without "
+            "a single training step, so it is not fitted; give at least one epoch and one batch"
+        )
     if detector.trains_with_gradients:
         trainer.validate(detector, datamodule=datamodule, verbose=False)
     if checkpoint is not None:

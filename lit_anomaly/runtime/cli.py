@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from .files import RunError, sanitize
 from .image import ImageError
 from .inferencer import Inferencer
 from .outputs import images_below, map_at_image_size, output_names, prediction_line, write_map_files
+from .signals import DeferredSignals
 
 PROG = "lit-anomaly-infer"
 
@@ -40,24 +43,6 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Stop:
-    """SIGINT and SIGTERM stop the run after the batch in hand: every line written is whole."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-
-    def __enter__(self) -> Stop:
-        self.previous = {s: signal.signal(s, self._take) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def _take(self, signum: int, frame: object) -> None:
-        self.signal = signum
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise RunError(f"--batch-size must be a positive number of images, got {args.batch_size}")
@@ -77,32 +62,51 @@ def run(args: argparse.Namespace) -> int:
     )
     names, threshold, save_maps = output_names(images), inferencer.threshold, args.save_maps == "true"
     output.mkdir(parents=True, exist_ok=True)
+
+    def load(index: int) -> tuple[int, np.ndarray | None, tuple[int, int] | None, str | None]:
+        try:
+            return index, *inferencer.load(images[index], str(images[index])), None
+        except ImageError as error:
+            return index, None, None, str(error)
+
+    def write_map(index: int, anomaly_map: np.ndarray, size: tuple[int, int]) -> None:
+        write_map_files(output, names[str(images[index])], category, split, map_at_image_size(anomaly_map, size),
+                        threshold)  # fmt: skip
+
+    batches = [range(s, min(s + args.batch_size, len(images))) for s in range(0, len(images), args.batch_size)]
     failed = 0
-    with Stop() as stop, open(output / "predictions.jsonl", "w") as lines:
-        for start in range(0, len(images), args.batch_size):
-            batch, readable = [], []
-            for index in range(start, min(start + args.batch_size, len(images))):
-                try:
-                    batch.append((index, *inferencer.load(images[index], str(images[index]))))
-                except ImageError as error:
-                    failed += 1
-                    line = prediction_line(index, str(images[index]), category, None, threshold, str(error))
-                    readable.append((index, line))
-            if batch:
-                scores, maps = inferencer.score(np.stack([array for _, array, _ in batch]))
-                for (index, _, size), score, anomaly_map in zip(batch, scores, maps, strict=True):
-                    path = images[index]
-                    readable.append((index, prediction_line(index, str(path), category, float(score), threshold)))
-                    if save_maps:
-                        resized = map_at_image_size(anomaly_map, size)
-                        write_map_files(output, names[str(path)], category, split, resized, threshold)
-            lines.writelines(json.dumps(line) + "\n" for _, line in sorted(readable, key=lambda pair: pair[0]))
+    # decoding and map writing release the GIL: threads overlap them with each other and with the engine, and
+    # the next batch decodes while this one is scored
+    with (
+        ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool,
+        DeferredSignals() as stop,
+        open(output / "predictions.jsonl", "w") as lines,
+    ):
+        pending = [pool.submit(load, i) for i in batches[0]]
+        for k, indices in enumerate(batches):
+            loaded = [future.result() for future in pending]
+            pending = [pool.submit(load, i) for i in batches[k + 1]] if k + 1 < len(batches) else []
+            records = [(i, prediction_line(i, str(images[i]), category, None, threshold, error))
+                       for i, _, _, error in loaded if error is not None]  # fmt: skip
+            failed += len(records)
+            readable = [(i, array, size) for i, array, size, error in loaded if error is None]
+            writes = []
+            if readable:
+                scores, maps = inferencer.score(np.stack([array for _, array, _ in readable]))
+                for (i, _, size), score, anomaly_map in zip(readable, scores, maps, strict=True):
+                    records.append((i, prediction_line(i, str(images[i]), category, float(score), threshold)))
+                    writes += [pool.submit(write_map, i, anomaly_map, size)] if save_maps else []
+            for write in writes:
+                write.result()
+            lines.writelines(json.dumps(line) + "\n" for _, line in sorted(records, key=lambda pair: pair[0]))
             lines.flush()
-            if stop.signal is not None:
-                done = min(start + args.batch_size, len(images))
-                reason = "interrupted" if stop.signal == signal.SIGINT else "terminated (SIGTERM)"
+            if stop.received is not None:
+                for future in pending:
+                    future.cancel()
+                reason = "interrupted" if stop.received == signal.SIGINT else "terminated (SIGTERM)"
+                done = indices.stop
                 print(f"{PROG}: error: {reason}; {done} of {len(images)} images are in {output}", file=sys.stderr)
-                return 128 + stop.signal
+                return stop.exit_status
     if failed:
         print(f"{PROG}: error: {failed} of {len(images)} images could not be read; see {output}", file=sys.stderr)
         return 1

@@ -69,6 +69,20 @@ def check_output_file(path: str | Path, flag: str, what: str) -> Path:
     return path
 
 
+def check_output_folder(path: str | Path, flag: str) -> Path:
+    """`path` for an output folder given by `flag` (it may not exist yet), refused before any work where a file
+    stands in its way or its nearest existing folder is not writable."""
+    path = Path(path).expanduser()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunError(f"{flag} {path}: {existing} is a file, not a folder; choose a folder path")
+    if not os.access(existing, os.W_OK):
+        raise RunError(f"{flag} {path}: folder {existing} is not writable")
+    return path
+
+
 def to_json(document: Any) -> str:
     return json.dumps(document, indent=2, allow_nan=False, default=str) + "\n"
 

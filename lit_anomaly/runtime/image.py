@@ -29,9 +29,15 @@ class ImageError(ValueError):
 
 
 def orientation(image: Image.Image) -> int:
-    """The EXIF orientation tag of `image` (1: stored as shown), read from the header without decoding."""
+    """The EXIF orientation tag of `image` (1: stored as shown), read from the header without decoding. A PNG's
+    EXIF counts where its eXIf chunk precedes the pixels: Pillow finds a later one only by decoding them all."""
     try:
-        value = image.getexif().get(EXIF_ORIENTATION, 1)
+        if image.format == "PNG":
+            exif = Image.Exif()
+            exif.load(image.info.get("exif") or b"")
+        else:
+            exif = image.getexif()
+        value = exif.get(EXIF_ORIENTATION, 1)
     except Exception:  # a broken EXIF block: the pixels are shown as stored
         return 1
     return value if isinstance(value, int) and 1 <= value <= 8 else 1

@@ -256,3 +256,24 @@ def test_an_output_folder_that_holds_something_is_refused(fitted, tmp_path, caps
     assert main(args) == 2
     assert "not an empty folder" in error_line(capsys.readouterr().err, "lit-anomaly")
     assert [p.name for p in (tmp_path / "bundle").iterdir()] == ["keep.txt"]
+
+
+def test_the_line_pc_distribution_holds_the_runtime_alone(tmp_path):
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+         str(root / "packaging" / "runtime")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    import zipfile
+
+    names = zipfile.ZipFile(next(tmp_path.glob("lit_anomaly_runtime-*.whl"))).namelist()
+    modules = {n for n in names if n.endswith(".py")}
+    assert modules == {"lit_anomaly/__init__.py"} | {
+        f"lit_anomaly/runtime/{p.name}" for p in (root / "lit_anomaly" / "runtime").glob("*.py")
+    }
+    requires = next(n for n in names if n.endswith("METADATA"))
+    metadata = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).read(requires).decode()
+    requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist")]
+    assert not any("torch" in line for line in requires) and any("onnxruntime" in line for line in requires)

@@ -116,14 +116,24 @@ class PatchCoreModel(nn.Module):
         queries = queries.reshape(-1, dim)
         if not self.reweight:
             patch_scores = nearest_distances(queries, bank).view(batch, patches)
-            return patch_scores, patch_scores.amax(dim=1)
+            rows = torch.arange(batch, device=queries.device) * patches + patch_scores.argmax(dim=1)
+            return patch_scores, self._farthest_distances(queries[rows], bank)
         distances, indices = nearest_neighbors(queries, bank)
         patch_scores = distances[:, 0].view(batch, patches)
-        scores, best = patch_scores.max(dim=1)
+        best = patch_scores.argmax(dim=1)
+        rows = torch.arange(batch, device=queries.device) * patches + best
+        scores = torch.linalg.vector_norm(queries[rows] - bank[indices[rows, 0]], dim=1)
         if len(bank) > 1:
-            rows = torch.arange(batch, device=queries.device) * patches + best
             scores = self._reweighted(queries[rows], bank, indices[rows, 0], scores)
         return patch_scores, scores
+
+    @staticmethod
+    def _farthest_distances(queries: Tensor, bank: Tensor) -> Tensor:
+        """Distances (B,) of each image's farthest patch (`queries`, (B, D)) to its nearest bank row, as |q - b|.
+        The expansion |q|^2 - 2 q.b + |b|^2 that finds the row loses digits where distances are small against
+        the features' norms, differently on every engine; an image score computed so agrees across engines."""
+        index = torch.addmm((bank * bank).sum(1), queries, bank.T, alpha=-2.0).argmin(dim=1)
+        return torch.linalg.vector_norm(queries - bank[index], dim=1)
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         embedding = self.embed(images)

@@ -1,0 +1,1 @@
+../../../lit_anomaly/__init__.py
