@@ -204,20 +204,22 @@ def resize_uint8(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return array
 
 
+def _lerp_axis(values: np.ndarray, axis: int, out_size: int) -> np.ndarray:
+    """Linear interpolation along `axis` on pixel centres, clamped at the borders (align_corners=False)."""
+    in_size = values.shape[axis]
+    source = np.maximum((np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5, 0.0)
+    low = np.minimum(np.floor(source).astype(np.int64), in_size - 1)
+    high = np.minimum(low + 1, in_size - 1)
+    shape = [1] * values.ndim
+    shape[axis] = out_size
+    fraction = (source - low).astype(values.dtype).reshape(shape)
+    first = np.take(values, low, axis=axis)
+    return first + (np.take(values, high, axis=axis) - first) * fraction
+
+
 def resize_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """A float (h, w) map to `size` (H, W) by bilinear interpolation on pixel centres (torch's
-    `interpolate(mode="bilinear", align_corners=False)`), as float32."""
-
-    def matrix(out_size: int, in_size: int) -> np.ndarray:
-        source = np.maximum((np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5, 0.0)
-        low = np.minimum(np.floor(source).astype(np.int64), in_size - 1)
-        high = np.minimum(low + 1, in_size - 1)
-        fraction = source - low
-        weights = np.zeros((out_size, in_size), np.float64)
-        np.add.at(weights, (np.arange(out_size), low), 1.0 - fraction)
-        np.add.at(weights, (np.arange(out_size), high), fraction)
-        return weights
-
+    `interpolate(mode="bilinear", align_corners=False)` to float32 rounding), as float32."""
     height, width = size
-    rows, columns = matrix(height, anomaly_map.shape[0]), matrix(width, anomaly_map.shape[1])
-    return (rows @ anomaly_map.astype(np.float64) @ columns.T).astype(np.float32)
+    columns = _lerp_axis(np.asarray(anomaly_map, dtype=np.float32), 1, width)  # on the small map first
+    return _lerp_axis(columns, 0, height)
