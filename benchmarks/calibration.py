@@ -112,7 +112,7 @@ def promise_table(args: argparse.Namespace) -> None:
             for estimator, (calibration, unseen) in one_category(name, root, category, args).items():
                 for q in QUANTILES:
                     threshold = conformal_threshold(calibration, q).threshold
-                    flagged = int((unseen >= threshold).sum())
+                    flagged = int((unseen > threshold).sum())  # the decision rule: strictly above
                     counts = pooled.setdefault((name, estimator, q), [0, 0])
                     counts[0], counts[1] = counts[0] + flagged, counts[1] + len(unseen)
                     line[f"{estimator}@{q}"] = round(flagged / len(unseen), 4)

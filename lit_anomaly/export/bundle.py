@@ -102,7 +102,7 @@ def describe(detector: AnomalyModule, checkpoint: dict[str, Any], format_name: s
             "provenance": calibration.provenance() if calibration is not None else None,
         },
         "score": "the raw image score (the anomaly map's maximum, PatchCore's reweighted when reweight is on); "
-        "pred = score >= threshold",
+        "pred = score > threshold (strictly)",
         "anomaly_map": "raw per-pixel anomaly at the fitted size (distance to normal, upsampled and blurred); "
         "resized bilinearly to each image's size on output",
         "outputs": [

@@ -15,6 +15,7 @@ import torch
 
 from ..data.image_io import read_image
 from ..models import AnomalyModule
+from ..runtime.decision import flagged
 from ..runtime.image import ImageError
 from ..runtime.inferencer import Inferencer
 from ..runtime.outputs import images_below
@@ -127,7 +128,7 @@ def check_parity(detector: AnomalyModule, bundle: Path, images_dir: str | Path, 
             map_difference = float(np.abs(maps[i].astype(np.float64) - expected_maps[i]).max())
             scale = max(float(np.abs(expected_maps[i]).max()), 1e-12)
             report.anomaly_map.update(map_difference, map_difference / scale, name)
-            if threshold is not None and (got >= threshold) != (expected >= threshold):
+            if threshold is not None and flagged(got, threshold) != flagged(expected, threshold):
                 report.decisions_differ += 1
                 report.differing_files.append(name)
     report.latency_ms_per_image = {

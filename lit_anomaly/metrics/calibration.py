@@ -9,7 +9,7 @@ the promise weakens to 1 / (n + 1).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -62,6 +62,17 @@ class Calibration:
     # sorted; 0-d for a single score where a torchmetrics compute returned it (it squeezes one-element tensors)
     scores: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.float64), repr=False)
     seconds: float = 0.0
+    margin: float = 0.0  # added to the rank rule's score: what storing train features at lower precision can hide
+
+    def with_margin(self, margin: float) -> Calibration:
+        """This calibration with `margin` added to its threshold (none is added without a threshold)."""
+        if self.threshold is None or margin <= 0:
+            return self
+        raised = torch.tensor(self.threshold + margin, dtype=torch.float64)
+        single = raised.float()  # a float32 value, as scores are, never below the sum
+        if single.double() < raised:
+            single = torch.nextafter(single, torch.tensor(math.inf))
+        return replace(self, threshold=float(single), margin=self.margin + margin)
 
     @property
     def short_of_normals(self) -> bool:
@@ -80,6 +91,8 @@ class Calibration:
         }
         if self.short_of_normals:
             provenance["normals_needed"] = normals_needed(self.quantile)
+        if self.margin:
+            provenance["storage_rounding_margin"] = self.margin
         return provenance
 
     def shortfall_message(self) -> str | None:
@@ -99,7 +112,7 @@ class Calibration:
 
     def state(self) -> dict[str, Any]:
         """Plain values for a checkpoint (no tensors but the scores)."""
-        return {**{k: getattr(self, k) for k in ("threshold", "quantile", "method", "n", "rank")},
+        return {**{k: getattr(self, k) for k in ("threshold", "quantile", "method", "n", "rank", "margin")},
                 "false_alarm_bound": self.false_alarm_bound, "scores": self.scores.reshape(-1).cpu()}  # fmt: skip
 
     @classmethod

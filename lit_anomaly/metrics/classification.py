@@ -19,6 +19,8 @@ from torchmetrics.functional.classification import (
     binary_specificity,
 )
 
+from ..runtime.decision import flagged
+
 IMAGE_KEYS = ("image_auroc", "image_ap", "image_f1", "image_precision", "image_recall", "image_specificity")
 PIXEL_KEYS = ("pixel_auroc", "pixel_aupro")
 
@@ -48,7 +50,7 @@ def image_metrics(scores: Tensor, labels: Tensor, threshold: float | None) -> tu
         reason = "no calibrated threshold (no calibration normals)"
         notes.update({k: reason for k in IMAGE_KEYS[2:]})
         return metrics, notes
-    predictions = (scores >= threshold).long()
+    predictions = flagged(scores, threshold).long()
     undefined = {  # a ratio whose denominator is empty: null with the reason, never a 0 that means nothing
         "image_f1": "no anomalous test images" if not labels.any() else None,
         "image_recall": "no anomalous test images" if not labels.any() else None,

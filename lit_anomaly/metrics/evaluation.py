@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..runtime.decision import flagged
 from .aupro import au_spro, pixel_auroc_aupro_and_pro_curve
 from .classification import image_metrics
 from .intervals import bootstrap_intervals
@@ -25,7 +26,7 @@ class TestResult:
     index: Tensor
     score: Tensor  # float64, raw scale
     label: Tensor
-    pred: Tensor | None  # score >= threshold, None without a threshold
+    pred: Tensor | None  # flagged(score, threshold), None without a threshold
     maps: Tensor  # (N, H, W) at the evaluation resolution
     masks: Tensor  # (N, H, W) bool
     images: Tensor  # (N, 3, h, w) uint8, as the detector saw them: overlays need not decode them again
@@ -53,7 +54,7 @@ def evaluate_test(outputs: Mapping[str, Tensor], threshold: float | None, aupro_
     metrics.update(pixel)
     return TestResult(
         index=outputs["index"], score=outputs["score"], label=outputs["label"],
-        pred=(outputs["score"] >= threshold).long() if threshold is not None else None,
+        pred=flagged(outputs["score"], threshold).long() if threshold is not None else None,
         maps=outputs["map"], masks=outputs["mask"], images=outputs["image"], threshold=threshold,
         metrics=metrics, notes=notes, curves=curves,
     )  # fmt: skip

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from ..runtime.decision import flagged
 from .classification import IMAGE_KEYS
 
 RESAMPLES = 2000
@@ -43,8 +44,8 @@ def _average_precision(normal: np.ndarray, defect: np.ndarray, axis: int = -1) -
 
 def _at_threshold(threshold: float, key: str) -> Callable[..., np.ndarray]:
     def statistic(normal: np.ndarray, defect: np.ndarray, axis: int = -1) -> np.ndarray:
-        false_alarms = (normal >= threshold).sum(axis)
-        hits = (defect >= threshold).sum(axis)
+        false_alarms = flagged(normal, threshold).sum(axis)
+        hits = flagged(defect, threshold).sum(axis)
         misses = defect.shape[axis] - hits
         with np.errstate(invalid="ignore", divide="ignore"):
             return {

@@ -14,6 +14,7 @@ from torch import Tensor
 from ..metrics import resolve_quantile
 from ..metrics.calibration import SPLIT, TRAIN, Calibration, ThresholdCalibrator
 from ..metrics.evaluation import TestResult, evaluate_test
+from ..runtime.decision import flagged
 from ..utils.distributed import gather_by_index
 from .components import blur_kernel_size
 
@@ -106,6 +107,11 @@ class AnomalyModule(pl.LightningModule):
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         """{"score": (B,), "anomaly_map": (B, 1, H, W)} on raw scales."""
         raise NotImplementedError
+
+    def threshold_margin(self) -> float:
+        """What the threshold must carry beyond the rank rule's score: a detector that stores its train features
+        at lower precision than it scores test images with says how far that rounding can move a score."""
+        return 0.0
 
     def out_of_sample_scores(self, method: str, folds: int) -> tuple[Tensor, Tensor]:
         """(train index, score) of this rank's share of train normals, each scored by a model that did not
@@ -267,7 +273,7 @@ class AnomalyModule(pl.LightningModule):
     def _calibrate(self, train_method: str | None) -> None:
         """Turn the collected out-of-sample scores into `self.calibration` and the threshold buffer."""
         split_method = getattr(self.trainer.datamodule, "calibration_source", None) or "hold-out"
-        calibration = self.calibrator.compute(train_method, split_method)
+        calibration = self.calibrator.compute(train_method, split_method).with_margin(self.threshold_margin())
         calibration.seconds = self._calibration_seconds
         self.calibration = calibration
         self.threshold.fill_(math.nan if calibration.threshold is None else calibration.threshold)
@@ -344,6 +350,6 @@ class AnomalyModule(pl.LightningModule):
         if "image" not in batch:  # every file of the batch failed to decode
             return {"path": [], "failed": batch["failed"], "threshold": threshold}
         output = self.score(batch["image"])
-        output["pred"] = output["score"] >= threshold if threshold is not None else None
+        output["pred"] = flagged(output["score"], threshold) if threshold is not None else None
         output.update(index=batch["index"], path=batch["path"], threshold=threshold, failed=batch["failed"])
         return output

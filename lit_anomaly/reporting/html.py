@@ -12,6 +12,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from ..runtime.decision import flagged
 from ..runtime.files import sanitize
 from .figures import ANOMALOUS, NORMAL, Curve, curve_plot, png_uri, pr_points, roc_points, score_histogram
 from .report import HEADLINE_METRICS
@@ -246,7 +247,7 @@ def hard_cases(cases: Sequence[Mapping], directory: Path, threshold: float | Non
                 uri = png_uri((directory / case["file"]).read_bytes())
             except OSError:
                 continue
-            verdict = "flagged" if threshold is not None and case["score"] >= threshold else "passed"
+            verdict = "flagged" if threshold is not None and flagged(case["score"], threshold) else "passed"
             colour = NORMAL if kind == "false_alarm" else ANOMALOUS
             caption = f"{Path(case['path']).name} ({case.get('defect_type')}): score {case['score']:.4g}, {verdict}"
             shown.append(figure(uri, caption, f"{kind} {case['path']}", f"border-top:3px solid {colour}"))

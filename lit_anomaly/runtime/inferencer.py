@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from .bundle import Bundle, load_bundle
+from .decision import flagged
 from .engines import open_engine
 from .image import DEFAULT_MAX_IMAGE_PIXELS, ImageError, as_rgb, decode_image, resize_uint8, shown_size
 from .outputs import map_at_image_size
@@ -88,7 +89,7 @@ class Inferencer:
                 value = float(score)
                 out.append(Prediction(
                     score=value, threshold=self.threshold,
-                    pred=None if self.threshold is None else int(value >= self.threshold),
+                    pred=None if self.threshold is None else int(flagged(value, self.threshold)),
                     anomaly_map=map_at_image_size(anomaly_map, size),
                     path=None if isinstance(item, np.ndarray) else str(item),
                 ))  # fmt: skip

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .decision import flagged
 from .files import sanitize, write_atomic
 from .image import resize_map
 
@@ -62,7 +63,7 @@ def prediction_line(
     """One line of predictions.jsonl: a scored image, or an unreadable one with its `error` and no score."""
     line = {
         "index": index, "path": path, "category": category, "score": score, "threshold": threshold,
-        "pred": int(score >= threshold) if score is not None and threshold is not None else None,
+        "pred": int(flagged(score, threshold)) if score is not None and threshold is not None else None,
     }  # fmt: skip
     if error is not None:
         line["error"] = error
@@ -78,7 +79,7 @@ def write_map_files(
     maps = Image.fromarray(anomaly_map.astype(np.float32), mode="F")
     write_atomic(output_dir / "anomaly_images" / relative / f"{name.name}.tiff", partial(maps.save, format="TIFF"))
     if threshold is not None:
-        binary = Image.fromarray(((anomaly_map >= threshold) * 255).astype(np.uint8))
+        binary = Image.fromarray((flagged(anomaly_map, threshold) * 255).astype(np.uint8))
         path = output_dir / "anomaly_images_thresholded" / relative / f"{name.name}.png"
         write_atomic(path, partial(binary.save, format="PNG", compress_level=1))  # a fast zlib level for the line
 

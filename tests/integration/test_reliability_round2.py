@@ -159,3 +159,17 @@ def test_read_only_arrays_reach_torch_without_a_warning(tmp_path):
         for _ in range(2):  # decoded, then served from the cache's memory maps
             for batch in datamodule.dataloader("train"):
                 assert batch["image"].shape[-2:] == (32, 32)
+
+
+@pytest.mark.parametrize("model", ["PatchCore", "PaDiM"])
+def test_good_parts_identical_to_the_train_images_pass(tmp_path, capsys, model):
+    """Calibration scores stored train features and test scores fresh ones: both must round alike (PaDiM keeps
+    float32, PatchCore's threshold carries its float16 storage), and ties at the threshold pass."""
+    data = write_synthetic(tmp_path / "data", "MVTecAD", ["tile"], 8, 4, 4, 64)
+    train = sorted((data / "tile" / "train" / "good").glob("*.png"))
+    for copy in [*train[1:], *(data / "tile" / "test" / "good").glob("*.png")]:
+        copy.write_bytes(train[0].read_bytes())
+    args = [*args_for(data, "fit+test", model=model), "--data.category", "tile", "--data.image_size", "[64,64]"]
+    assert main([*args, "--model.calibration_quantile", "0.5", "--run.save", "false"]) == 0
+    result = json.loads(capsys.readouterr().out)["per_category"]["tile"]
+    assert result["metrics"]["image_specificity"] == 1.0 and result["threshold"] is not None

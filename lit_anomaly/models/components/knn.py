@@ -85,9 +85,10 @@ def nearest_distances(
 
 def max_nearest_distance(
     queries: Tensor, bounds: Tensor, banks: Sequence[Tensor], bank_norms: Sequence[Tensor], chunk: int = 256
-) -> Tensor:
-    """The largest, over `queries`, of min(its bound, its distance to the nearest row of `banks`); 0-dim.
-    `banks` are parts of one bank (views, not copied) and `bank_norms` their squared row norms.
+) -> tuple[Tensor, Tensor]:
+    """The largest, over `queries`, of min(its bound, its distance to the nearest row of `banks`) (0-dim), and
+    the query it belongs to (0-dim index). `banks` are parts of one bank (views, not copied) and `bank_norms`
+    their squared row norms.
 
     Queries are searched in descending order of their `bounds`, and only while a bound exceeds the largest
     distance found: a query's distance is at most its bound, so one with a lower bound cannot raise the
@@ -95,8 +96,8 @@ def max_nearest_distance(
     """
     parts = [(bank, norms) for bank, norms in zip(banks, bank_norms, strict=True) if len(bank)]
     if not parts:
-        return bounds.max()
-    order, best = bounds.argsort(descending=True), bounds.new_tensor(-math.inf)
+        return bounds.max(), bounds.argmax()
+    order, best, where = bounds.argsort(descending=True), bounds.new_tensor(-math.inf), bounds.argmax()
     for start in range(0, len(order), chunk):
         rows = order[start : start + chunk]
         if bounds[rows[0]] <= best:
@@ -104,5 +105,6 @@ def max_nearest_distance(
         nearest = bounds[rows]
         for bank, norms in parts:
             nearest = torch.minimum(nearest, nearest_distances(queries[rows], bank, (chunk, 1024), norms))
-        best = torch.maximum(best, nearest.max())
-    return best
+        if nearest.max() > best:
+            best, where = nearest.max(), rows[nearest.argmax()]
+    return best, where

@@ -65,9 +65,9 @@ class PaDiM(AnomalyModule):
 
     def learn(self, batch: dict[str, Any]) -> None:
         fresh = self.first_occurrences(batch["index"])
-        # half precision halves the stored copy; the statistics use the same rounded values, so
-        # leave-one-out is exactly a refit without the image
-        embedding = self.model.embed(batch["image"][fresh]).half()
+        # float32, as test images are scored: a few channels a position make the stored copy small, and
+        # leave-one-out is exactly a refit without the image (the statistics use the same values)
+        embedding = self.model.embed(batch["image"][fresh])
         total, outer, count = self._stats or (None, None, 0)
         total, outer = self.model.accumulate(embedding, total, outer)
         self._stats = [total, outer, count + fresh.sum().double()]

@@ -88,20 +88,32 @@ class PatchCore(AnomalyModule):
         self.calibration_max_images = calibration_max_images
         self._features: list[Tensor] = []
         self._indices: list[Tensor] = []
+        self._rounding: list[Tensor] = []  # per batch, the largest distance float16 storage moved a patch
+        self._margin = 0.0
 
     def learn(self, batch: dict[str, Any]) -> None:
         embedding = self.model.embed(batch["image"])
-        # half precision halves the largest buffer of a fit; the coreset picks rows, the bank stays float32
-        self._features.append(embedding.permute(0, 2, 3, 1).to(torch.float16))
+        # half precision halves the largest buffer of a fit; the coreset picks rows, the bank stays float32.
+        # Test images are scored at float32, so the threshold carries how far the rounding moved any patch
+        stored = embedding.permute(0, 2, 3, 1).to(torch.float16)
+        self._rounding.append(torch.linalg.vector_norm(stored.float() - embedding.permute(0, 2, 3, 1), dim=-1).max())
+        self._features.append(stored)
         self._indices.append(batch["index"])
 
     def finish_fit(self) -> None:
         features = torch.cat(self._features)  # (N, h, w, D)
         _, features = gather_by_index(self, torch.cat(self._indices), features)
-        self._features, self._indices = [], []
+        rounding = torch.stack(self._rounding).max() if self._rounding else features.new_zeros((), dtype=torch.float32)
+        self._margin = float(self.all_gather(rounding).max()) if self.trainer.world_size > 1 else float(rounding)
+        self._features, self._indices, self._rounding = [], [], []
         chosen = self.model.fit(features)
         if self.train_scoring != "none":  # kept for out_of_sample_scores, then dropped
             self._fit_features, self._bank_owner = features, chosen // (features.shape[1] * features.shape[2])
+
+    def threshold_margin(self) -> float:
+        """How far float16 storage moved any train patch: a test patch's distance, measured at float32, differs
+        from what calibration measured on stored features by at most that much."""
+        return self._margin
 
     def out_of_sample_scores(self, method: str, folds: int) -> tuple[Tensor, Tensor]:
         """Every rank has all train features and builds the same bank; each scores its share of the images."""

@@ -156,6 +156,7 @@ class PatchCoreModel(nn.Module):
         per_image = height * width
         patches = features.reshape(-1, dim)
         scores, cover, bank_norms = [], None, (self.memory_bank * self.memory_bank).sum(1)
+        winners, refills = [], []
         for image in images.tolist():
             if cover is None or image not in cover.images:
                 block = next(b for b in self.blocks(features) if image in b)
@@ -174,8 +175,31 @@ class PatchCoreModel(nn.Module):
             nearest = torch.minimum(in_block, nearest_distances(queries, refill)) if len(refill) else in_block
             others = (slice(None, cover.rows.start), slice(cover.rows.stop, None))
             banks, norms = [self.memory_bank[s] for s in others], [bank_norms[s] for s in others]
-            scores.append(max_nearest_distance(queries, nearest, banks, norms).view(1))
+            score, farthest = max_nearest_distance(queries, nearest, banks, norms)
+            scores.append(score.view(1))
+            winners.append(queries[farthest])
+            refills.append(refill)
+        if winners:  # measured as a test image's score is: |q - b| for the row the expansion finds nearest
+            return self._left_out_distances(torch.stack(winners), images, refills, bank_owner, bank_norms)
         return torch.cat(scores) if scores else features.new_empty(0, dtype=torch.float32)
+
+    def _left_out_distances(
+        self, winners: Tensor, images: Tensor, refills: list[Tensor], bank_owner: Tensor, bank_norms: Tensor
+    ) -> Tensor:
+        """Distances (n,) of each image's farthest patch (`winners`, (n, D)) to the nearest row of the bank
+        without the image's own rows and with its refill, as `_farthest_distances` measures a test image: the
+        row the expansion finds nearest, then |q - b|. Calibration and test then round alike."""
+        squared = torch.addmm(bank_norms, winners, self.memory_bank.T, alpha=-2.0)
+        squared.masked_fill_(bank_owner[None, :] == images.to(bank_owner.device)[:, None], float("inf"))
+        nearest, rows = squared.min(dim=1)
+        chosen = self.memory_bank[rows]
+        for i, refill in enumerate(refills):
+            if len(refill):
+                in_refill = (refill * refill).sum(1) - 2 * refill @ winners[i]
+                j = in_refill.argmin()
+                if in_refill[j] < nearest[i]:
+                    chosen[i] = refill[j]
+        return torch.linalg.vector_norm(winners - chosen, dim=1)
 
     def _block_cover(
         self, patches: Tensor, bank_owner: Tensor, bank_norms: Tensor, block: range, per_image: int, chunk: int = 2048

@@ -116,7 +116,7 @@ def fitted(cls, root, **kwargs):
 def test_padim_leave_one_out_equals_a_refit_without_the_image(tiny_root):
     model, images = fitted(PaDiM, tiny_root, n_features=12, layers=(1, 2))
     torch_model = model.model
-    embeddings = torch_model.embed(images).half().double()  # the precision PaDiM fits and stores at
+    embeddings = torch_model.embed(images).double()  # PaDiM fits and stores float32 values
     brute_force = []
     for left_out in range(6):
         keep = [i for i in range(6) if i != left_out]
@@ -195,7 +195,7 @@ def test_q095_flags_at_most_ten_percent_of_unseen_normals(tmp_path):
     result = result_collector(lightning).test_result
     normals = result.label == 0
     assert int(normals.sum()) == 120 and model.calibration.n == 80 and model.calibration.method == "leave-one-out"
-    share_above = float((result.score[normals] >= model.calibration.threshold).double().mean())
+    share_above = float((result.score[normals] > model.calibration.threshold).double().mean())
     assert share_above <= 0.10  # promised: at most 1 - q = 0.05 in expectation
     assert result.metrics["image_specificity"] == pytest.approx(1 - share_above)
 

@@ -339,11 +339,12 @@ def test_max_nearest_distance_equals_the_full_search():
     bounds, norms = nearest_distances(queries, nearby), [(b * b).sum(1) for b in far]
     searched = nearest_distances(queries, bank[20:], tile=(8, 1024))
     assert torch.allclose(
-        max_nearest_distance(queries, bounds, far, norms, chunk=8), torch.minimum(bounds, searched).max()
+        max_nearest_distance(queries, bounds, far, norms, chunk=8)[0], torch.minimum(bounds, searched).max()
     )
     infinite = torch.full((300,), torch.inf)
-    assert torch.allclose(max_nearest_distance(queries, infinite, far, norms, chunk=8), searched.max())
-    assert max_nearest_distance(queries, bounds, [far[0][:0]], [norms[0][:0]]) == bounds.max()  # nothing to search
+    value, where = max_nearest_distance(queries, infinite, far, norms, chunk=8)
+    assert torch.allclose(value, searched.max()) and where == searched.argmax()  # and which query it is
+    assert max_nearest_distance(queries, bounds, [far[0][:0]], [norms[0][:0]])[0] == bounds.max()  # nothing to search
 
 
 def test_patchcore_reweighting_and_bad_arguments(mvtec_root):
