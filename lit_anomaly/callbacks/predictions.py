@@ -15,7 +15,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
-from ..runtime.files import RunError, sanitize, write_atomic
+from ..runtime.files import RunError, holds_anything, sanitize, write_atomic
 from ..runtime.image import shown_size
 from ..runtime.outputs import map_at_image_size, output_names, prediction_line, write_map_files
 from ..runtime.signals import DeferredSignals
@@ -45,7 +45,7 @@ class PredictionWriter(BasePredictionWriter):
         """Refuse a folder that is a file or holds anything: an earlier predict's lines were replaced and its
         maps mixed with the new ones."""
         folder = self.output_dir
-        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        if holds_anything(folder):
             raise RunError(
                 f"predictions folder {folder} is not empty (an earlier predict's results?); move it "
                 "away or write elsewhere with --trainer.default_root_dir DIR"

@@ -47,7 +47,7 @@ def _resize(array: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
 def read_image(path: Path, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode `path` as a viewer shows it and resize to `size` (H, W) with antialiasing; (H, W, 3) uint8. A
     monochrome frame is resized as one plane, then repeated."""
-    array = _resize(decode_image(path, size, max_pixels, DatasetError, PIXEL_LIMIT_FLAG), size, "bilinear")
+    array = _resize(decode_image(path, size, max_pixels, DatasetError, PIXEL_LIMIT_FLAG)[0], size, "bilinear")
     return np.repeat(array[..., None], 3, axis=2) if array.ndim == 2 else array
 
 

@@ -15,7 +15,8 @@ from ..models import AnomalyModule
 from ..models.checkpoints import CheckpointError, check_checkpoint
 from ..pipelines.specs import model_spec
 from ..runtime.bundle import BUNDLE_FORMAT, METADATA, MODEL_FILES, file_sha256
-from ..runtime.files import RunError, to_json
+from ..runtime.engines import require
+from ..runtime.files import RunError, check_output_folder, holds_anything, to_json
 from ..runtime.image import DEFAULT_MAX_IMAGE_PIXELS
 from .check import ParityReport, check_parity
 from .graph import onnx_to_fp16, onnx_to_openvino, to_onnx
@@ -113,16 +114,9 @@ def describe(detector: AnomalyModule, checkpoint: dict[str, Any], format_name: s
 
 
 def _check_output(output: Path) -> None:
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+    if holds_anything(output):
         raise RunError(f"--output {output} exists and is not an empty folder; choose a new folder for the bundle")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise RunError(
-            f"--output {output}: cannot create folder {output.parent} ({error.strerror or error})"
-        ) from error
-    if not os.access(output.parent, os.W_OK):
-        raise RunError(f"--output {output}: folder {output.parent} is not writable")
+    check_output_folder(output, "--output")  # no file in the way, and writable where it will be made
 
 
 def export_bundle(
@@ -140,8 +134,7 @@ def export_bundle(
         raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     output = Path(output).expanduser()
     _check_output(output)
-    from ..runtime.engines import require
-
+    output.parent.mkdir(parents=True, exist_ok=True)
     require(format_name)  # before the work: name the pip extra now, not after tracing
     detector, checkpoint = load_detector(ckpt_path)
     metadata = describe(detector, checkpoint, format_name, precision)

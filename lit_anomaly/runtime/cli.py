@@ -16,7 +16,7 @@ import numpy as np
 
 from .bundle import BundleError
 from .engines import EngineMissing
-from .files import RunError, sanitize
+from .files import RunError, holds_anything, sanitize
 from .image import ImageError
 from .inferencer import Inferencer
 from .outputs import images_below, map_at_image_size, output_names, prediction_line, write_map_files
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     folder, output = Path(args.input).expanduser(), Path(args.output).expanduser()
     if not folder.is_dir():
         raise RunError(f"--input {folder} does not exist or is not a folder")
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+    if holds_anything(output):
         raise RunError(f"--output {output} is not empty (an earlier run's results?); move it away or write elsewhere")
     inferencer = Inferencer(args.bundle, args.threads)
     images = images_below(folder)

@@ -83,6 +83,11 @@ def check_output_folder(path: str | Path, flag: str) -> Path:
     return path
 
 
+def holds_anything(path: Path) -> bool:
+    """`path` is a file, or a folder with anything in it: no place for a fresh output folder."""
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
 def to_json(document: Any) -> str:
     return json.dumps(document, indent=2, allow_nan=False, default=str) + "\n"
 

@@ -7,6 +7,7 @@ uint8 kernel; `resize_uint8` is the same kernel in numpy, to the bit, for the ru
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -102,19 +103,20 @@ def decode_image(
     max_pixels: int,
     error: type[ValueError] = ImageError,
     flag: str = "the bundle's max_image_pixels",
-) -> np.ndarray:
+) -> tuple[np.ndarray, tuple[int, int]]:
     """`path` decoded as a viewer shows it (EXIF orientation), not yet resized to `size` (H, W): (H, W) uint8
-    for a monochrome frame (resized as one plane, then repeated), else (H, W, 3) uint8. JPEGs much larger than
-    `size` decode at reduced scale."""
+    for a monochrome frame (resized as one plane, then repeated), else (H, W, 3) uint8; and the image's own
+    (W, H) as a viewer shows it. JPEGs much larger than `size` decode at reduced scale."""
     with Image.open(path) as image:
         check_pixels(image, path, max_pixels, error, flag)
+        shown = shown_size(image)  # before `draft`, which shrinks the size JPEGs report
         if image.format == "JPEG":
             image.draft("RGB", (size[1], size[0]))
         if orientation(image) != 1:
-            return to_rgb_array(ImageOps.exif_transpose(image))
+            return to_rgb_array(ImageOps.exif_transpose(image)), shown
         if image.mode == "L":
-            return _read_pillow_or_spng(path, image, None, ("L",))
-        return _read_pillow_or_spng(path, image, "RGB", _SPNG_RGB_MODES)
+            return _read_pillow_or_spng(path, image, None, ("L",)), shown
+        return _read_pillow_or_spng(path, image, "RGB", _SPNG_RGB_MODES), shown
 
 
 def as_rgb(array: np.ndarray) -> np.ndarray:
@@ -149,6 +151,7 @@ def decode_mask(path: Path) -> np.ndarray:
 
 
 # ---- torch's uint8 antialiased bilinear resize, in numpy -------------------------------------------------------
+@functools.lru_cache(maxsize=64)  # a line's frames share their sizes: the weights are built once per pair
 def _resize_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, int]:
     """First input index (out,), integer weights (out, taps) and their fixed-point precision, as torch's uint8
     antialiased bilinear kernel computes them (Pillow's resampling coefficients, triangle filter)."""
@@ -169,7 +172,9 @@ def _resize_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray
     while precision < 22 and int(0.5 + largest * (1 << (precision + 1))) < (1 << 15):
         precision += 1
     scaled = weights * (1 << precision)
-    return starts, np.trunc(np.where(scaled < 0, scaled - 0.5, scaled + 0.5)).astype(np.int64), precision
+    integers = np.trunc(np.where(scaled < 0, scaled - 0.5, scaled + 0.5)).astype(np.int64)
+    starts.flags.writeable = integers.flags.writeable = False  # cached: shared by every later call
+    return starts, integers, precision
 
 
 def _resize_axis(array: np.ndarray, axis: int, out_size: int, group: int = 32) -> np.ndarray:

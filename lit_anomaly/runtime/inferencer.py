@@ -7,12 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from .bundle import Bundle, load_bundle
 from .decision import flagged
 from .engines import open_engine
-from .image import DEFAULT_MAX_IMAGE_PIXELS, ImageError, as_rgb, decode_image, resize_uint8, shown_size
+from .image import DEFAULT_MAX_IMAGE_PIXELS, ImageError, as_rgb, decode_image, resize_uint8
 from .outputs import map_at_image_size
 
 ImageInput = str | Path | np.ndarray
@@ -59,9 +58,7 @@ class Inferencer:
         else:
             path = Path(image)
             try:
-                array = decode_image(path, self.image_size, self.max_pixels)
-                with Image.open(path) as opened:
-                    size = shown_size(opened)
+                array, size = decode_image(path, self.image_size, self.max_pixels)
             except ImageError:
                 raise
             except Exception as error:

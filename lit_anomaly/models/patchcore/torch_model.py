@@ -115,9 +115,10 @@ class PatchCoreModel(nn.Module):
         batch, patches, dim = queries.shape
         queries = queries.reshape(-1, dim)
         if not self.reweight:
-            patch_scores = nearest_distances(queries, bank).view(batch, patches)
+            bank_norms = (bank * bank).sum(1)
+            patch_scores = nearest_distances(queries, bank, bank_norms=bank_norms).view(batch, patches)
             rows = torch.arange(batch, device=queries.device) * patches + patch_scores.argmax(dim=1)
-            return patch_scores, self._farthest_distances(queries[rows], bank)
+            return patch_scores, self._farthest_distances(queries[rows], bank, bank_norms)
         distances, indices = nearest_neighbors(queries, bank)
         patch_scores = distances[:, 0].view(batch, patches)
         best = patch_scores.argmax(dim=1)
@@ -128,11 +129,11 @@ class PatchCoreModel(nn.Module):
         return patch_scores, scores
 
     @staticmethod
-    def _farthest_distances(queries: Tensor, bank: Tensor) -> Tensor:
+    def _farthest_distances(queries: Tensor, bank: Tensor, bank_norms: Tensor) -> Tensor:
         """Distances (B,) of each image's farthest patch (`queries`, (B, D)) to its nearest bank row, as |q - b|.
         The expansion |q|^2 - 2 q.b + |b|^2 that finds the row loses digits where distances are small against
         the features' norms, differently on every engine; an image score computed so agrees across engines."""
-        index = torch.addmm((bank * bank).sum(1), queries, bank.T, alpha=-2.0).argmin(dim=1)
+        index = torch.addmm(bank_norms, queries, bank.T, alpha=-2.0).argmin(dim=1)
         return torch.linalg.vector_norm(queries - bank[index], dim=1)
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
@@ -175,8 +176,7 @@ class PatchCoreModel(nn.Module):
             nearest = torch.minimum(in_block, nearest_distances(queries, refill)) if len(refill) else in_block
             others = (slice(None, cover.rows.start), slice(cover.rows.stop, None))
             banks, norms = [self.memory_bank[s] for s in others], [bank_norms[s] for s in others]
-            score, farthest = max_nearest_distance(queries, nearest, banks, norms)
-            scores.append(score.view(1))
+            _, farthest = max_nearest_distance(queries, nearest, banks, norms)
             winners.append(queries[farthest])
             refills.append(refill)
         if winners:  # measured as a test image's score is: |q - b| for the row the expansion finds nearest
