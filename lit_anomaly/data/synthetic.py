@@ -27,6 +27,10 @@ from .mvtec import MVTecAD
 from .samples import DatasetError
 
 DEFECTS = ("scratch", "stain", "hole", "crack")
+# Defects of tens of pixels in multi-megapixel frames (write_synthetic's defects="small"): a thin thread, a faint
+# fleck, and a knot where the weave turns without changing the mean grey. Resizing a frame to 256 px blurs the
+# first two into the texture and erases the third.
+SMALL_DEFECTS = ("thread", "fleck", "knot")
 FAMILIES = ("MVTecAD", "MVTecAD2", "MVTecLOCO", "BTAD", "VisA", "Folder")
 
 
@@ -97,6 +101,48 @@ def add_defect(image: Image.Image, kind: str, rng: np.random.Generator) -> tuple
     return image, mask
 
 
+def add_small_defect(image: Image.Image, kind: str, rng: np.random.Generator) -> tuple[Image.Image, Image.Image]:
+    """Draw one small defect of `kind` (SMALL_DEFECTS) onto a copy of `image`, sized for 2-5 Mpx frames (about
+    10-90 px at 2048 px); returns (image, 0/255 mask)."""
+    extent = np.array(image.size, dtype=np.float64)  # (W, H)
+    unit = float(extent.min()) / 2048  # the sizes below are px of a 2048 px frame
+    image = image.copy()
+    mask = Image.new("L", image.size, 0)
+    centre = rng.uniform(0.15, 0.85, size=2) * extent
+    pixels = np.atleast_3d(np.asarray(image, dtype=np.float32))
+    local = pixels.reshape(-1, pixels.shape[-1]).mean(0)
+    shift = rng.choice([-1.0, 1.0]) * rng.uniform(20, 40)
+    colour = tuple(int(np.clip(c + shift, 0, 255)) for c in local)
+    colour = colour[0] if image.mode == "L" else colour
+    if kind == "thread":
+        angle, length = rng.uniform(0, np.pi), rng.uniform(30, 90) * unit
+        step = np.array([np.cos(angle), np.sin(angle)]) * length / 2
+        points = [tuple(centre - step), tuple(centre + step)]
+        width = max(1, round(rng.uniform(1.5, 3) * unit))
+        ImageDraw.Draw(image).line(points, fill=colour, width=width)
+        ImageDraw.Draw(mask).line(points, fill=255, width=width)
+    elif kind == "fleck":
+        radius = rng.uniform(5, 12) * unit
+        box = [tuple(centre - radius), tuple(centre + radius)]
+        ImageDraw.Draw(mask).ellipse(box, fill=255)
+        alpha = np.asarray(mask.filter(ImageFilter.GaussianBlur(radius=radius / 4)), dtype=np.float32)[..., None] / 255
+        blended = pixels * (1 - alpha * 0.8) + np.array(colour, dtype=np.float32) * alpha * 0.8
+        image = Image.fromarray(
+            np.clip(blended, 0, 255).astype(np.uint8).squeeze(-1)
+            if image.mode == "L"
+            else np.clip(blended, 0, 255).astype(np.uint8)
+        )
+    elif kind == "knot":  # the weave inside a disc, turned a quarter: same grey, another texture
+        radius = max(2, round(rng.uniform(12, 24) * unit))
+        x, y = (int(c) for c in np.clip(centre, radius, extent - radius - 1))
+        box = (x - radius, y - radius, x + radius, y + radius)
+        ImageDraw.Draw(mask).ellipse(box, fill=255)
+        image.paste(image.crop(box).transpose(Image.Transpose.ROTATE_90), box, mask.crop(box))
+    else:
+        raise ValueError(f"unknown small defect {kind!r}; valid: {', '.join(SMALL_DEFECTS)}")
+    return image, mask
+
+
 def _save(image: Image.Image, path: Path, **options: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, **options)
@@ -118,8 +164,11 @@ class _Writer:
     functions decide where they go. Every image is seeded by its category and index: the files do not depend on
     the number of threads."""
 
-    def __init__(self, category: str, size: int | tuple[int, int], mode: str, pool: ThreadPoolExecutor) -> None:
+    def __init__(
+        self, category: str, size: int | tuple[int, int], mode: str, pool: ThreadPoolExecutor, defects: str = "regular"
+    ) -> None:
         self.category, self.size, self.mode, self.count, self.pool = category, size, mode, 0, pool
+        self.kinds, self.draw = (SMALL_DEFECTS, add_small_defect) if defects == "small" else (DEFECTS, add_defect)
         self.pending: list[Future] = []
 
     def normal(self, path: Path, **options: Any) -> None:
@@ -132,8 +181,13 @@ class _Writer:
         `finish`."""
         self.count += 1
         rng = _rng("defect", self.category, self.count)
-        kind = kind or DEFECTS[int(rng.integers(len(DEFECTS)))]
+        kind = kind or self.kinds[int(rng.integers(len(self.kinds)))]
         self.pending.append(self.pool.submit(self._anomalous, self.count, kind, rng, finish))
+
+    def cycled_kind(self, i: int) -> str:
+        """The defect of the i-th anomalous image where a layout names defect folders: the first two regular kinds
+        alternate (scratch, stain), the small ones take turns."""
+        return self.kinds[i % (2 if self.kinds is DEFECTS else len(self.kinds))]
 
     def wait(self) -> None:
         """Block until every image is written; re-raises the first error."""
@@ -144,7 +198,7 @@ class _Writer:
         _save(normal_image(self.category, index, self.size).convert(self.mode), path, **options)
 
     def _anomalous(self, index: int, kind: str, rng: np.random.Generator, finish: Callable) -> None:
-        finish(*add_defect(normal_image(self.category, index, self.size).convert(self.mode), kind, rng))
+        finish(*self.draw(normal_image(self.category, index, self.size).convert(self.mode), kind, rng))
 
 
 def _mvtec(root: Path, w: _Writer, n_train: int, n_good: int, n_bad: int) -> None:
@@ -155,7 +209,7 @@ def _mvtec(root: Path, w: _Writer, n_train: int, n_good: int, n_bad: int) -> Non
         w.normal(cat / "test" / "good" / f"{i:03d}.png")
     counters: dict[str, int] = {}
     for i in range(n_bad):
-        kind = DEFECTS[i % 2]
+        kind = w.cycled_kind(i)
         k = counters[kind] = counters.get(kind, -1) + 1
         w.anomalous(
             _saving(cat / "test" / kind / f"{k:03d}.png", cat / "ground_truth" / kind / f"{k:03d}_mask.png"), kind
@@ -258,7 +312,7 @@ def _folder(root: Path, w: _Writer, n_train: int, n_good: int, n_bad: int) -> No
     for i in range(n_good):
         w.normal(root / "test" / "good" / f"{i:03d}.png")
     for i in range(n_bad):
-        kind = DEFECTS[i % 2]
+        kind = w.cycled_kind(i)
         w.anomalous(
             _saving(root / "test" / kind / f"{i:03d}.jpg", root / "ground_truth" / kind / f"{i:03d}_mask.png"), kind
         )
@@ -279,14 +333,18 @@ def write_synthetic(
     n_test_bad: int = 6,
     image_size: int | tuple[int, int] = 128,
     mode: str = "RGB",
+    defects: str = "regular",
 ) -> Path:
     """Write a synthetic dataset of `family` under `root` (Folder takes exactly one category) and return root.
-    `mode` "L" writes the images as a monochrome camera would (8-bit grey), the same textures and defects."""
+    `mode` "L" writes the images as a monochrome camera would (8-bit grey), the same textures and defects.
+    `defects` "small" draws SMALL_DEFECTS (tens of px in a 2048 px frame) instead of DEFECTS."""
     if family not in _WRITERS:
         raise ValueError(f"unknown family {family!r}; valid: {', '.join(FAMILIES)}")
+    if defects not in ("regular", "small"):
+        raise ValueError(f"defects must be regular or small, got {defects!r}")
     root = Path(root)
     with ThreadPoolExecutor(os.cpu_count()) as pool:
-        writers = [_Writer(category, image_size, mode, pool) for category in categories]
+        writers = [_Writer(category, image_size, mode, pool, defects) for category in categories]
         for writer in writers:
             _WRITERS[family](root, writer, n_train, n_test_good, n_test_bad)
         for writer in writers:

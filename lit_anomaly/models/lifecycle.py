@@ -308,21 +308,23 @@ class AnomalyModule(pl.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._test: list[dict[str, Tensor]] = []
 
-    def _eval_resolution(self, maps: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
-        if self.pixel_eval_size is None or maps.shape[-1] == self.pixel_eval_size:
-            return maps[:, 0], masks[:, 0]
-        size = (self.pixel_eval_size, self.pixel_eval_size)
-        maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
-        return maps[:, 0], F.interpolate(masks, size=size, mode="nearest")[:, 0]
+    def _eval_resolution(self, maps: Tensor, masks: Tensor, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Maps, masks and uint8 images at the size pixel metrics use (`pixel_eval_size`): what a test keeps of
+        each image until its end, so that memory follows the eval size and not the input size."""
+        size = (self.pixel_eval_size,) * 2 if self.pixel_eval_size is not None else tuple(maps.shape[-2:])
+        if tuple(maps.shape[-2:]) != size:
+            maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+            masks = F.interpolate(masks, size=size, mode="nearest")
+            images = F.interpolate(images, size=size, mode="bilinear", antialias=True).clamp_(0, 1)
+        return maps[:, 0], masks[:, 0], images.mul(255).round_().to(torch.uint8)  # unresized: the loader's bytes
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         output = self.score(batch["image"])
-        maps, masks = self._eval_resolution(output["anomaly_map"].float(), batch["mask"])
+        maps, masks, images = self._eval_resolution(output["anomaly_map"].float(), batch["mask"], batch["image"])
         self._test.append(
             {
                 "index": batch["index"], "score": output["score"].double(), "label": batch["label"],
-                "has_mask": batch["has_mask"], "map": maps, "mask": masks.bool(),
-                "image": batch["image"].mul(255).round_().to(torch.uint8),  # the loader's bytes, exactly
+                "has_mask": batch["has_mask"], "map": maps, "mask": masks.bool(), "image": images,
             }
         )  # fmt: skip
 

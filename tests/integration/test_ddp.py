@@ -58,12 +58,22 @@ def assert_same(single, distributed, single_dir, distributed_dir):
             assert x["score"] == pytest.approx(y["score"], rel=1e-9)
 
 
-@pytest.mark.parametrize(("model", "category"), [("PatchCore", "all"), ("PaDiM", "carpet")])
-def test_two_process_ddp_matches_one_device(ddp_root, tmp_path, model, category):
+# the high-resolution mode's flags at this scale: tiles, a bounded bank, a top-k image score
+HIGH_RESOLUTION = ["--model.tile_size", "32", "--model.tile_overlap", "16", "--model.bank_size", "60"]
+HIGH_RESOLUTION += ["--model.score_top_k", "3", "--model.pixel_eval_size", "32"]
+
+
+@pytest.mark.parametrize(
+    ("model", "category", "flags"),
+    [("PatchCore", "all", []), ("PaDiM", "carpet", []), ("PatchCore", "carpet", HIGH_RESOLUTION)],
+    ids=["PatchCore", "PaDiM", "PatchCore-high-resolution"],
+)
+def test_two_process_ddp_matches_one_device(ddp_root, tmp_path, model, category, flags):
     cli = [sys.executable, "-m", "lit_anomaly"]
-    single = run([*cli, *fit_test_args(ddp_root, model, tmp_path / "one", "--data.category", category)])
+    args = ["--data.category", category, *flags]
+    single = run([*cli, *fit_test_args(ddp_root, model, tmp_path / "one", *args)])
     ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
-    distributed = run([*cli, *fit_test_args(ddp_root, model, tmp_path / "ddp", "--data.category", category, *ddp)])
+    distributed = run([*cli, *fit_test_args(ddp_root, model, tmp_path / "ddp", *args, *ddp)])
     assert_same(single, distributed, tmp_path / "one", tmp_path / "ddp")
     assert {r["hardware"]["world_size"] for r in distributed["per_category"].values()} == {2}
 

@@ -1,16 +1,18 @@
 from .backbones import BackboneError, FeatureExtractor
 from .blur import blur_kernel_size, smooth
 from .coreset import farthest_first, greedy_coreset, image_blocks, random_projection
-from .knn import max_nearest_distance, nearest_distances, nearest_neighbors
+from .knn import largest_nearest_distances, nearest_distances, nearest_neighbors
+from .tiling import TileGrid
 
 __all__ = [
     "BackboneError",
     "FeatureExtractor",
+    "TileGrid",
     "blur_kernel_size",
     "farthest_first",
     "greedy_coreset",
     "image_blocks",
-    "max_nearest_distance",
+    "largest_nearest_distances",
     "nearest_distances",
     "nearest_neighbors",
     "random_projection",

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .batchnorm_folding import FoldedNorm, fold_batchnorm, fold_saved_norms
 from .graph import exporting
 from .same_padding import replace_padded_copies
+from .tiling import TileGrid, tiled
 
 # Our short names for timm models whose weights we can find without a hub.
 TIMM_NAMES = {"efficientnet_lite0": "tf_efficientnet_lite0"}
@@ -142,7 +143,19 @@ def _migrate_older_checkpoints(extractor: FeatureExtractor, state: dict, prefix:
 
 
 class FeatureExtractor(nn.Module):
-    """Normalises [0, 1] images for its backbone and returns the feature maps of the chosen stages."""
+    """Normalises [0, 1] images for its backbone and returns the feature maps of the chosen stages.
+
+    Args:
+        backbone: timm features_only model name (or one of our short names).
+        layers: the stages whose maps are returned.
+        pretrained: load ImageNet weights.
+        weights_path: a state dict file to load instead.
+        canonical_batch: images (or tiles) go through in chunks of exactly this many (see `forward`).
+        tile_size: cut images larger than this many px a side into square tiles of this size and stitch their
+            maps (`tiling.TileGrid`): memory follows the tile, not the image. None: whole images.
+        tile_overlap: px that neighbouring tiles share; the stitched field takes each tile's cells up to halfway
+            into the overlap, so this is twice the context every kept feature sees beyond its tile's part.
+    """
 
     def __init__(
         self,
@@ -151,10 +164,13 @@ class FeatureExtractor(nn.Module):
         pretrained: bool = True,
         weights_path: str | Path | None = None,
         canonical_batch: int | None = 8,
+        tile_size: int | None = None,
+        tile_overlap: int = 0,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.canonical_batch = canonical_batch
+        self.tile_size, self.tile_overlap = tile_size, tile_overlap
         self.timm_name = TIMM_NAMES.get(backbone, backbone)
         self.out_indices = indices = tuple(stage_index(layer) for layer in layers)
         create = create_unset_timm_model if weights_path is not None or pretrained else create_timm_model
@@ -185,6 +201,7 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
         self.channels: list[int] = self.model.feature_info.channels()
         self.strides: list[int] = self.model.feature_info.reduction()
+        self._check_tiles()
         drop_blocks_past_the_last_stage(self.model)
         replace_padded_copies(self.model)
         self.model.eval().requires_grad_(False)
@@ -225,11 +242,37 @@ class FeatureExtractor(nn.Module):
         config = self.model.pretrained_cfg
         return tuple(config["input_size"][-2:]) if config.get("fixed_input_size") else None
 
+    def _check_tiles(self) -> None:
+        if self.tile_size is None:
+            return
+        align = max(self.strides)
+        if self.tile_size < 2 * align or self.tile_size % align:
+            raise ValueError(
+                f"--model.tile_size must be a multiple of {align} px (the coarsest stride of {self.backbone!r} "
+                f"at these layers) and at least {2 * align}, got {self.tile_size}"
+            )
+        if not 0 <= self.tile_overlap <= self.tile_size // 2:
+            raise ValueError(f"--model.tile_overlap must be 0 to tile_size / 2 px, got {self.tile_overlap}")
+
+    def tile_grid(self, size: tuple[int, int]) -> TileGrid | None:
+        """The tiles images of `size` are cut into, or None where they go through whole."""
+        if self.tile_size is None or max(size) <= self.tile_size:
+            return None
+        return TileGrid.covering(tuple(size), self.tile_size, self.tile_overlap, max(self.strides))
+
     def check_input_size(self, size: tuple[int, int]) -> None:
-        """Run one blank image of `size` through the backbone, not padded to `canonical_batch` (an eighth of the
-        cost); raises RuntimeError where the backbone cannot take that size."""
+        """Run one blank image (or tile) of `size` through the backbone, not padded to `canonical_batch` (an
+        eighth of the cost); raises RuntimeError where the backbone or the tiling cannot take that size."""
         if self.fixed_input_size not in (None, tuple(size)):
             raise RuntimeError(f"it takes {self.fixed_input_size[0]} x {self.fixed_input_size[1]} px images only")
+        grid, align = self.tile_grid(size), max(self.strides)
+        if grid is not None and any(side % align for side in size):
+            raise RuntimeError(
+                f"tiles of {self.tile_size} px stitch at multiples of {align} px (the coarsest stride): use a size "
+                f"whose sides are multiples of {align}"
+            )
+        if grid is not None:
+            size = (grid.rows.length, grid.columns.length)
         blank = torch.zeros(1, 3, *size, device=self.mean.device).contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             self.model(blank)
@@ -240,8 +283,15 @@ class FeatureExtractor(nn.Module):
         oneDNN and cuDNN pick kernels by batch size, and their results differ in the last bits; so
         with `canonical_batch` set, images go through in chunks of exactly that size (the last one
         padded) and an image's features never depend on how a loader or a DDP shard batched it. An exported
-        graph takes any batch in one pass: its runtime picks kernels of its own.
+        graph takes any batch in one pass: its runtime picks kernels of its own. Images larger than `tile_size`
+        go through as tiles, in the same chunks, and come back as one stitched field per stage.
         """
+        grid = self.tile_grid(tuple(images.shape[-2:]))
+        if grid is not None:
+            return tiled(self._extract, images, grid, self.strides)
+        return self._extract(images)
+
+    def _extract(self, images: Tensor) -> list[Tensor]:
         x = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         if exporting():
             return [f.float().contiguous() for f in channels_first(self.model(x), self.model)]

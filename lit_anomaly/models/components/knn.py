@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -83,28 +82,29 @@ def nearest_distances(
     return torch.cat(distances)[:n]
 
 
-def max_nearest_distance(
-    queries: Tensor, bounds: Tensor, banks: Sequence[Tensor], bank_norms: Sequence[Tensor], chunk: int = 256
-) -> tuple[Tensor, Tensor]:
-    """The largest, over `queries`, of min(its bound, its distance to the nearest row of `banks`) (0-dim), and
-    the query it belongs to (0-dim index). `banks` are parts of one bank (views, not copied) and `bank_norms`
-    their squared row norms.
+def largest_nearest_distances(
+    queries: Tensor, bounds: Tensor, banks: Sequence[Tensor], bank_norms: Sequence[Tensor], k: int = 1, chunk: int = 256
+) -> Tensor:
+    """Indices (k,) of the `k` queries with the largest min(bound, distance to the nearest row of `banks`),
+    largest first. `banks` are parts of one bank (views, not copied) and `bank_norms` their squared row norms.
 
-    Queries are searched in descending order of their `bounds`, and only while a bound exceeds the largest
-    distance found: a query's distance is at most its bound, so one with a lower bound cannot raise the
-    maximum. The result is exact; with bounds near the distances, a small share of the queries is searched.
+    Queries are searched in descending order of their `bounds`, and only while a bound exceeds the k-th largest
+    distance found: a query's distance is at most its bound, so one with a lower bound cannot enter the top k.
+    The result is exact; with bounds near the distances, a small share of the queries is searched.
     """
+    k = min(k, len(queries))
     parts = [(bank, norms) for bank, norms in zip(banks, bank_norms, strict=True) if len(bank)]
     if not parts:
-        return bounds.max(), bounds.argmax()
-    order, best, where = bounds.argsort(descending=True), bounds.new_tensor(-math.inf), bounds.argmax()
+        return bounds.topk(k).indices
+    order = bounds.argsort(descending=True)
+    found, where = bounds.new_empty(0), order[:0]
     for start in range(0, len(order), chunk):
         rows = order[start : start + chunk]
-        if bounds[rows[0]] <= best:
+        if len(found) == k and bounds[rows[0]] <= found[-1]:
             break
         nearest = bounds[rows]
         for bank, norms in parts:
             nearest = torch.minimum(nearest, nearest_distances(queries[rows], bank, (chunk, 1024), norms))
-        if nearest.max() > best:
-            best, where = nearest.max(), rows[nearest.argmax()]
-    return best, where
+        found, best = torch.cat([found, nearest]).topk(min(k, len(found) + len(rows)))
+        where = torch.cat([where, rows])[best]
+    return where

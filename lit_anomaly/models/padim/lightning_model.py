@@ -36,6 +36,12 @@ class PaDiM(AnomalyModule):
             (K >= 2 refits), or none (only held-out or validation normals calibrate).
         pixel_eval_size: compute pixel metrics at this square size in px (default: the input size).
         aupro_fpr_limit: false-positive-rate limit of AUPRO, in (0, 1]; MVTec's 0.3 by default.
+        score_top_k: the image score is the mean of the k largest anomaly-map values (px); 1 is the maximum.
+        tile_size: run the backbone on square tiles of this many px and stitch their features, so that memory
+            follows the tile and not the image (null: whole images). Sides of a tiled --data.image_size must be
+            multiples of the backbone's coarsest stride at these layers. PaDiM keeps a Gaussian per feature
+            position, so its statistics still grow with the pixels (n_features^2 values a position).
+        tile_overlap: px that neighbouring tiles share; each tile's features are kept up to halfway into it.
     """
 
     def __init__(
@@ -53,12 +59,18 @@ class PaDiM(AnomalyModule):
         calibration: str = "leave-one-out",
         pixel_eval_size: int | None = None,
         aupro_fpr_limit: float = 0.3,
+        score_top_k: int = 1,
+        tile_size: int | None = None,
+        tile_overlap: int = 0,
     ) -> None:
         super().__init__(calibration_quantile, contamination, calibration, pixel_eval_size, aupro_fpr_limit)
+        if score_top_k < 1:
+            raise ValueError(f"--model.score_top_k must be 1 or more map values, got {score_top_k}")
         self.save_hyperparameters()
         self.model = PaDiMModel(
-            backbone, layers, pretrained, weights_path, n_features, covariance_eps, blur_sigma, seed
-        )
+            backbone, layers, pretrained, weights_path, n_features, covariance_eps, blur_sigma, seed, score_top_k,
+            tile_size, tile_overlap,
+        )  # fmt: skip
         self._stats: list[Tensor] | None = None
         self._embeddings: list[Tensor] = []  # this rank's train embeddings, for out-of-sample scores
         self._indices: list[Tensor] = []

@@ -23,9 +23,15 @@ class PaDiMModel(nn.Module):
         covariance_eps: float = 0.01,
         blur_sigma: float = 4.0,
         seed: int = 0,
+        score_top_k: int = 1,
+        tile_size: int | None = None,
+        tile_overlap: int = 0,
     ) -> None:
         super().__init__()
-        self.extractor = FeatureExtractor(backbone, layers, pretrained, weights_path)
+        self.extractor = FeatureExtractor(
+            backbone, layers, pretrained, weights_path, tile_size=tile_size, tile_overlap=tile_overlap
+        )
+        self.score_top_k = score_top_k
         total = sum(self.extractor.channels)
         n_features = min(n_features, total)
         generator = torch.Generator().manual_seed(seed)
@@ -66,10 +72,15 @@ class PaDiMModel(nn.Module):
         return squared.clamp_min(0).sqrt().T.reshape(batch, 1, height, width)
 
     def output(self, distances: Tensor, size: Sequence[int]) -> dict[str, Tensor]:
-        """Anomaly maps at the image `size`, smoothed, and image scores (their maxima)."""
+        """Anomaly maps at the image `size`, smoothed, and image scores (the mean of their `score_top_k` largest
+        values: the maximum at 1)."""
         maps = F.interpolate(distances, tuple(size), mode="bilinear")
         maps = smooth(maps, self.blur_sigma)
-        return {"score": maps.flatten(1).amax(1), "anomaly_map": maps}
+        flat = maps.flatten(1)
+        score = (
+            flat.amax(1) if self.score_top_k == 1 else flat.topk(min(self.score_top_k, flat.shape[1])).values.mean(1)
+        )
+        return {"score": score, "anomaly_map": maps}
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         distances = self.distances(self.embed(images), self.mean, self.inverse_covariance)

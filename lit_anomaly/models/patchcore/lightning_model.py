@@ -44,6 +44,16 @@ class PatchCore(AnomalyModule):
             the default q = 0.995 (it needs 199); null scores every train image.
         pixel_eval_size: compute pixel metrics at this square size in px (default: the input size).
         aupro_fpr_limit: false-positive-rate limit of AUPRO, in (0, 1]; MVTec's 0.3 by default.
+        bank_size: at most this many memory-bank rows, however many patches the train images have (null: only
+            coreset_ratio bounds it). Scoring a patch costs one distance per row, so with a bank_size the search
+            grows linearly with the pixels, not with their square: the high-resolution mode (configs/highres.yaml).
+        score_top_k: the image score is the mean of the k largest patch distances; 1 is the paper's maximum. On
+            fine maps the maximum of one patch is noisy, and a few patches' mean ranks images better
+            (docs/HIGH_RESOLUTION.md).
+        tile_size: run the backbone on square tiles of this many px and stitch their features, so that memory
+            follows the tile and not the image (null: whole images). Sides of a tiled --data.image_size must be
+            multiples of the backbone's coarsest stride at these layers (16 or 32).
+        tile_overlap: px that neighbouring tiles share; each tile's features are kept up to halfway into it.
     """
 
     def __init__(
@@ -65,8 +75,16 @@ class PatchCore(AnomalyModule):
         calibration_max_images: int | None = 200,
         pixel_eval_size: int | None = None,
         aupro_fpr_limit: float = 0.3,
+        bank_size: int | None = None,
+        score_top_k: int = 1,
+        tile_size: int | None = None,
+        tile_overlap: int = 0,
     ) -> None:
         super().__init__(calibration_quantile, contamination, calibration, pixel_eval_size, aupro_fpr_limit)
+        if bank_size is not None and bank_size < 1:
+            raise ValueError(f"--model.bank_size must be 1 or more rows, or null; got {bank_size}")
+        if score_top_k < 1:
+            raise ValueError(f"--model.score_top_k must be 1 or more patches, got {score_top_k}")
         if calibration_max_images is not None and calibration_max_images < 1:
             raise ValueError(f"--model.calibration_max_images must be 1 or more, or null; got {calibration_max_images}")
         if not 0.0 < coreset_ratio <= 1.0:
@@ -83,7 +101,7 @@ class PatchCore(AnomalyModule):
         self.save_hyperparameters()
         self.model = PatchCoreModel(
             backbone, layers, pretrained, weights_path, coreset_ratio, coreset_block_size, projection_dim,
-            num_neighbors, reweight, blur_sigma, seed,
+            num_neighbors, reweight, blur_sigma, seed, bank_size, score_top_k, tile_size, tile_overlap,
         )  # fmt: skip
         self.calibration_max_images = calibration_max_images
         self._features: list[Tensor] = []

@@ -15,7 +15,7 @@ from ..components import (
     farthest_first,
     greedy_coreset,
     image_blocks,
-    max_nearest_distance,
+    largest_nearest_distances,
     nearest_distances,
     nearest_neighbors,
     smooth,
@@ -60,9 +60,17 @@ class PatchCoreModel(nn.Module):
         reweight: bool = False,
         blur_sigma: float = 4.0,
         seed: int = 0,
+        bank_size: int | None = None,
+        score_top_k: int = 1,
+        tile_size: int | None = None,
+        tile_overlap: int = 0,
     ) -> None:
         super().__init__()
-        self.extractor = FeatureExtractor(backbone, layers, pretrained, weights_path)
+        self.extractor = FeatureExtractor(
+            backbone, layers, pretrained, weights_path, tile_size=tile_size, tile_overlap=tile_overlap
+        )
+        self.bank_size = bank_size
+        self.score_top_k = score_top_k
         self.coreset_ratio = coreset_ratio
         self.coreset_block_size = coreset_block_size
         self.projection_dim = projection_dim
@@ -99,34 +107,44 @@ class PatchCoreModel(nn.Module):
 
     def select(self, features: Tensor) -> Tensor:
         """Rows of the flattened (N, h, w, D) `features` that the memory bank keeps: the union of a greedy
-        coreset of each block of images, or all rows at ratio 1."""
+        coreset of each block of images, each its share of `coreset_ratio` of all rows or of `bank_size`, whichever
+        is fewer; all rows at ratio 1 and no bank_size."""
         patches = features.flatten(0, 2)
-        if self.coreset_ratio >= 1.0:
+        share = self.coreset_ratio if self.bank_size is None else min(self.coreset_ratio, self.bank_size / len(patches))
+        if share >= 1.0:
             return torch.arange(len(patches), device=patches.device)
         per_image, chosen = features.shape[1] * features.shape[2], []
         for block in self.blocks(features):
             rows = patches[block.start * per_image : block.stop * per_image]
-            n_select = max(1, round(self.coreset_ratio * len(rows)))
+            n_select = max(1, round(share * len(rows)))
             chosen.append(greedy_coreset(rows, n_select, self.projection_dim, self.seed) + block.start * per_image)
         return torch.cat(chosen)
 
     def score(self, queries: Tensor, bank: Tensor) -> tuple[Tensor, Tensor]:
-        """Patch scores (B, P) and image scores (B,) of patch features (B, P, D) against `bank`."""
+        """Patch scores (B, P) and image scores (B,) of patch features (B, P, D) against `bank`: the mean of the
+        `score_top_k` largest patch scores (the paper's maximum at 1)."""
         batch, patches, dim = queries.shape
+        k = min(self.score_top_k, patches)
         queries = queries.reshape(-1, dim)
         if not self.reweight:
             bank_norms = (bank * bank).sum(1)
             patch_scores = nearest_distances(queries, bank, bank_norms=bank_norms).view(batch, patches)
-            rows = torch.arange(batch, device=queries.device) * patches + patch_scores.argmax(dim=1)
-            return patch_scores, self._farthest_distances(queries[rows], bank, bank_norms)
+            rows = self._top_rows(patch_scores, k)
+            return patch_scores, self._farthest_distances(queries[rows], bank, bank_norms).view(batch, k).mean(1)
         distances, indices = nearest_neighbors(queries, bank)
         patch_scores = distances[:, 0].view(batch, patches)
-        best = patch_scores.argmax(dim=1)
-        rows = torch.arange(batch, device=queries.device) * patches + best
+        rows = self._top_rows(patch_scores, k)
         scores = torch.linalg.vector_norm(queries[rows] - bank[indices[rows, 0]], dim=1)
         if len(bank) > 1:
             scores = self._reweighted(queries[rows], bank, indices[rows, 0], scores)
-        return patch_scores, scores
+        return patch_scores, scores.view(batch, k).mean(1)
+
+    @staticmethod
+    def _top_rows(patch_scores: Tensor, k: int) -> Tensor:
+        """Rows (B * k,) of the flattened queries that hold each image's k largest patch scores."""
+        batch, patches = patch_scores.shape
+        offsets = torch.arange(batch, device=patch_scores.device)[:, None] * patches
+        return (patch_scores.topk(k, dim=1).indices + offsets).flatten()
 
     @staticmethod
     def _farthest_distances(queries: Tensor, bank: Tensor, bank_norms: Tensor) -> Tensor:
@@ -149,9 +167,10 @@ class PatchCoreModel(nn.Module):
         bank as a refit without it would be: the rows it contributed (`bank_owner`: the image of each bank row)
         are removed, and as many are chosen again, farthest first, among the patches of its block's other
         images that they were nearest to. Removal alone leaves holes a refit fills, and scores run high;
-        repaired, they match unseen normals (benchmarks/calibration.py). An image's score is its farthest patch's
-        distance, so the other blocks' rows are searched only for patches that the block's rows leave far enough
-        to be that patch (`max_nearest_distance`).
+        repaired, they match unseen normals (benchmarks/calibration.py). An image's score comes from its
+        `score_top_k` farthest patches, so the other blocks' rows are searched only for patches that the block's rows
+        leave far enough to be among them (`largest_nearest_distances`). All of an image's patches, from all its
+        tiles, leave together: the bank knows rows by image.
         """
         _, height, width, dim = features.shape
         per_image = height * width
@@ -176,24 +195,29 @@ class PatchCoreModel(nn.Module):
             nearest = torch.minimum(in_block, nearest_distances(queries, refill)) if len(refill) else in_block
             others = (slice(None, cover.rows.start), slice(cover.rows.stop, None))
             banks, norms = [self.memory_bank[s] for s in others], [bank_norms[s] for s in others]
-            _, farthest = max_nearest_distance(queries, nearest, banks, norms)
+            farthest = largest_nearest_distances(queries, nearest, banks, norms, self.score_top_k)
             winners.append(queries[farthest])
             refills.append(refill)
         if winners:  # measured as a test image's score is: |q - b| for the row the expansion finds nearest
-            return self._left_out_distances(torch.stack(winners), images, refills, bank_owner, bank_norms)
+            k = len(winners[0])
+            owners = images.repeat_interleave(k)
+            distances = self._left_out_distances(torch.cat(winners), owners, refills, bank_owner, bank_norms, k)
+            return distances.view(-1, k).mean(1)
         return torch.cat(scores) if scores else features.new_empty(0, dtype=torch.float32)
 
     def _left_out_distances(
-        self, winners: Tensor, images: Tensor, refills: list[Tensor], bank_owner: Tensor, bank_norms: Tensor
+        self, winners: Tensor, images: Tensor, refills: list[Tensor], bank_owner: Tensor, bank_norms: Tensor, k: int
     ) -> Tensor:
-        """Distances (n,) of each image's farthest patch (`winners`, (n, D)) to the nearest row of the bank
-        without the image's own rows and with its refill, as `_farthest_distances` measures a test image: the
-        row the expansion finds nearest, then |q - b|. Calibration and test then round alike."""
+        """Distances (n,) of the farthest patches (`winners`, (n, D), `k` an image, of `images` (n,)) to the nearest
+        row of the bank without their image's own rows and with its refill (`refills`, one an image), as
+        `_farthest_distances` measures a test image: the row the expansion finds nearest, then |q - b|.
+        Calibration and test then round alike."""
         squared = torch.addmm(bank_norms, winners, self.memory_bank.T, alpha=-2.0)
         squared.masked_fill_(bank_owner[None, :] == images.to(bank_owner.device)[:, None], float("inf"))
         nearest, rows = squared.min(dim=1)
         chosen = self.memory_bank[rows]
-        for i, refill in enumerate(refills):
+        for i in range(len(winners)):
+            refill = refills[i // k]
             if len(refill):
                 in_refill = (refill * refill).sum(1) - 2 * refill @ winners[i]
                 j = in_refill.argmin()

@@ -129,12 +129,14 @@ def test_padim_leave_one_out_equals_a_refit_without_the_image(tiny_root):
     assert loo.tolist() == pytest.approx(sorted(brute_force), rel=1e-5)
 
 
-@pytest.mark.parametrize("block_size", [None, 32])
-def test_patchcore_leave_one_out_equals_scoring_against_the_repaired_bank(tiny_root, block_size):
+@pytest.mark.parametrize(("block_size", "top_k"), [(None, 1), (32, 1), (32, 4)])
+def test_patchcore_leave_one_out_equals_scoring_against_the_repaired_bank(tiny_root, block_size, top_k):
     """Reference, by brute force: drop the image's bank rows, re-pick as many farthest-first among the patches
-    of its block's other images that they were nearest to, score the image against that bank. Blocks of 32
-    patches hold two 32 px images (4 x 4 patches each)."""
-    model, images = fitted(PatchCore, tiny_root, coreset_ratio=0.1, projection_dim=None, coreset_block_size=block_size)
+    of its block's other images that they were nearest to, score the image against that bank (the mean of its
+    `top_k` farthest patches). Blocks of 32 patches hold two 32 px images (4 x 4 patches each)."""
+    model, images = fitted(
+        PatchCore, tiny_root, coreset_ratio=0.1, projection_dim=None, coreset_block_size=block_size, score_top_k=top_k
+    )
     torch_model = model.model
     embedding = torch_model.embed(images)  # (6, D, h, w)
     patches = embedding.shape[2] * embedding.shape[3]
@@ -161,7 +163,8 @@ def test_patchcore_leave_one_out_equals_scoring_against_the_repaired_bank(tiny_r
             refill.append(candidates[int(distances.argmax())])
             distances = torch.minimum(distances, torch.cdist(candidates, refill[-1][None])[:, 0])
         repaired = torch.cat([kept, *(r[None] for r in refill)])
-        brute_force.append(float(torch.cdist(features[image_of == left_out], repaired).amin(1).max()))
+        nearest = torch.cdist(features[image_of == left_out], repaired).amin(1)
+        brute_force.append(float(nearest.topk(top_k).values.mean()))
     assert model.calibration.scores.tolist() == pytest.approx(sorted(brute_force), rel=1e-5)
 
 

@@ -13,7 +13,7 @@ from lit_anomaly.models.components import (
     FeatureExtractor,
     greedy_coreset,
     image_blocks,
-    max_nearest_distance,
+    largest_nearest_distances,
     nearest_distances,
     nearest_neighbors,
 )
@@ -332,19 +332,20 @@ def test_nearest_neighbors_match_cdist():
     assert torch.equal(nearest_distances(queries, bank, tile=(64, 32)), distances[:, 0])
 
 
-def test_max_nearest_distance_equals_the_full_search():
+@pytest.mark.parametrize("k", [1, 5])
+def test_largest_nearest_distances_equal_the_full_search(k):
     generator = torch.Generator().manual_seed(0)
     queries, bank = torch.randn(300, 24, generator=generator), torch.randn(200, 24, generator=generator)
     nearby, far = bank[:20], [bank[20:120], bank[120:]]  # bounds from a part of the bank, as a block's own rows
     bounds, norms = nearest_distances(queries, nearby), [(b * b).sum(1) for b in far]
     searched = nearest_distances(queries, bank[20:], tile=(8, 1024))
-    assert torch.allclose(
-        max_nearest_distance(queries, bounds, far, norms, chunk=8)[0], torch.minimum(bounds, searched).max()
-    )
+    expected = torch.minimum(bounds, searched).topk(k)
+    found = largest_nearest_distances(queries, bounds, far, norms, k, chunk=8)
+    assert torch.equal(found, expected.indices)  # which queries, largest first
     infinite = torch.full((300,), torch.inf)
-    value, where = max_nearest_distance(queries, infinite, far, norms, chunk=8)
-    assert torch.allclose(value, searched.max()) and where == searched.argmax()  # and which query it is
-    assert max_nearest_distance(queries, bounds, [far[0][:0]], [norms[0][:0]])[0] == bounds.max()  # nothing to search
+    assert torch.equal(largest_nearest_distances(queries, infinite, far, norms, k, chunk=8), searched.topk(k).indices)
+    nothing = largest_nearest_distances(queries, bounds, [far[0][:0]], [norms[0][:0]], k)
+    assert torch.equal(nothing, bounds.topk(k).indices)  # nothing to search
 
 
 def test_patchcore_reweighting_and_bad_arguments(mvtec_root):
