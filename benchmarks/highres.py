@@ -4,7 +4,7 @@
     python benchmarks/highres.py --runs plain-256 highres         # a subset
     python benchmarks/highres.py --runs highres --set model.score_top_k=1 model.score_top_k=16
     python benchmarks/highres.py --memory                          # peak RSS at 4x the pixels per image
-    python benchmarks/highres.py --top-k 1 2 4 8 16 32 64          # the image score: one fit, a test per k
+    python benchmarks/highres.py --top-k 1 2 4 8 16 32 64 --defect-scale 0.75   # the image score, one fit
     python benchmarks/highres.py --data-root /data/mvtec_ad2 --category fabric --family MVTecAD2
 
 The preset: 60 train, 27 good and 100 defective test PNGs of 2448 x 2048 px with small defects (write_synthetic's
@@ -46,12 +46,14 @@ sys.exit(code)
 """
 
 
-def preset(cache: Path, size: tuple[int, int] = (2048, 2448)) -> Path:
+def preset(cache: Path, size: tuple[int, int] = (2048, 2448), defect_scale: float = 1.0) -> Path:
     from lit_anomaly.data import write_synthetic
 
-    root = cache / f"highres_small_{size[0]}x{size[1]}"
+    suffix = "" if defect_scale == 1 else f"_defects_x{defect_scale}"
+    root = cache / f"highres_small_{size[0]}x{size[1]}{suffix}"
     if not (root / ".complete").exists():
-        write_synthetic(root, "MVTecAD", ["carpet"], 60, 27, 100, image_size=size, defects="small")
+        counts = (60, 27, 100)
+        write_synthetic(root, "MVTecAD", ["carpet"], *counts, size, defects="small", defect_scale=defect_scale)
         (root / ".complete").touch()
     return root
 
@@ -107,30 +109,46 @@ def top_k_sweep(root: Path, family: str, category: str, values: list[int], worke
 
 
 def plot(lines: list[dict], path: Path) -> None:
+    """Image AUROC and AUPRO against whole-run time: plain sizes as a curve, the mode's runs as stars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
+    plain = [line for line in lines if line["run"].startswith("plain")]
+    mode = [line for line in lines if not line["run"].startswith("plain")]
     for axis, metric in zip(axes, ("image_auroc", "aupro"), strict=True):
-        for line in lines:
-            marker = "o" if line["run"].startswith("plain") else "*"
-            axis.scatter(line["wall_s"], line[metric], marker=marker, s=80 if marker == "*" else 40)
-            axis.annotate(line["label"], (line["wall_s"], line[metric]), textcoords="offset points", xytext=(5, 4))
-        axis.set(xlabel="whole fit+test, s (2-core CPU)", ylabel=metric.replace("_", " "), xscale="log")
+        if plain:
+            axis.plot([x["wall_s"] for x in plain], [x[metric] for x in plain], "o-", color="tab:blue", label="plain")
+        for line in mode:
+            axis.plot(line["wall_s"], line[metric], "*", markersize=14, color="tab:red")
+        axis.plot([], [], "*", markersize=10, color="tab:red", label="high-resolution mode")
+        for line in lines:  # plain sizes labelled above, the mode's runs below, one line apart
+            offset = (6, 6) if line in plain else (10, -20 - 11 * mode.index(line))
+            axis.annotate(line["label"], (line["wall_s"], line[metric]), textcoords="offset points", xytext=offset,
+                          fontsize=8)  # fmt: skip
+        axis.set(xlabel="whole fit+test, s (2-core CPU)", ylabel=metric.replace("_", " "), xlim=(0, None))
         axis.grid(alpha=0.3)
+        axis.legend(loc="lower right")
     figure.suptitle("PatchCore, efficientnet_lite0, 2448 x 2048 frames with small defects")
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
 
 
+def label(name: str) -> str:
+    """A run's short name in the table and the plot: "plain 256 px", "highres.yaml", "highres.yaml, FLAG"."""
+    if name.startswith("plain-"):
+        return f"plain {name[6:]} px"
+    flag = name.removeprefix("highres").strip()
+    if flag.startswith("data.image_size=["):
+        return f"highres.yaml at {flag.split('[')[1].split(',')[0]} px"
+    return "highres.yaml" + (f", {flag}" if flag else "")
+
+
 def table(lines: list[dict]) -> str:
-    base = (
-        statistics.median(line["wall_s"] for line in lines if line["run"] == "plain-256")
-        if any(line["run"] == "plain-256" for line in lines)
-        else None
-    )
+    """Markdown: one row a run, its time also as a multiple of plain 256 px's where that ran."""
+    base = next((line["wall_s"] for line in lines if line["run"] == "plain-256"), None)
     rows = ["| run | whole run, s | x plain 256 | image AUROC | pixel AUROC | AUPRO | peak RSS, MB |", "|---" * 7 + "|"]
     for line in lines:
         ratio = f"{line['wall_s'] / base:.2f}" if base else "-"
@@ -148,6 +166,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs of each; the table takes the median time")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--data-root", default=None, help="a dataset on disk instead of the preset")
+    parser.add_argument("--defect-scale", type=float, default=1.0, help="the preset's defects this much smaller")
     parser.add_argument("--family", default="MVTecAD", help="--data class of --data-root")
     parser.add_argument("--category", default="carpet")
     parser.add_argument("--memory", action="store_true", help="the mode at its size and at twice the side")
@@ -155,7 +174,7 @@ def main() -> None:
     parser.add_argument("--plot", default=str(REPO / "docs" / "figures" / "highres.png"))
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "lit-anomaly-bench"))
     args = parser.parse_args()
-    root = Path(args.data_root) if args.data_root else preset(Path(args.cache))
+    root = Path(args.data_root) if args.data_root else preset(Path(args.cache), defect_scale=args.defect_scale)
     if args.top_k:
         lines = top_k_sweep(root, args.family, args.category, args.top_k, args.workers)
         print("| score_top_k | image AUROC | image AP |\n|---|---|---|")
@@ -174,7 +193,7 @@ def main() -> None:
     lines = []
     for name, arguments in runs:
         measured = [fit_test(name, arguments, data, args.workers) for _ in range(args.repeats)]
-        line = measured[0] | {"wall_s": statistics.median(m["wall_s"] for m in measured), "label": name}
+        line = measured[0] | {"wall_s": statistics.median(m["wall_s"] for m in measured), "label": label(name)}
         if args.repeats > 1:
             line["wall_runs_s"] = [m["wall_s"] for m in measured]
         lines.append(line)

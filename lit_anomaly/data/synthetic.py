@@ -101,11 +101,13 @@ def add_defect(image: Image.Image, kind: str, rng: np.random.Generator) -> tuple
     return image, mask
 
 
-def add_small_defect(image: Image.Image, kind: str, rng: np.random.Generator) -> tuple[Image.Image, Image.Image]:
+def add_small_defect(
+    image: Image.Image, kind: str, rng: np.random.Generator, scale: float = 1.0
+) -> tuple[Image.Image, Image.Image]:
     """Draw one small defect of `kind` (SMALL_DEFECTS) onto a copy of `image`, sized for 2-5 Mpx frames (about
-    10-90 px at 2048 px); returns (image, 0/255 mask)."""
+    10-90 px at 2048 px, times `scale`); returns (image, 0/255 mask)."""
     extent = np.array(image.size, dtype=np.float64)  # (W, H)
-    unit = float(extent.min()) / 2048  # the sizes below are px of a 2048 px frame
+    unit = scale * float(extent.min()) / 2048  # the sizes below are px of a 2048 px frame
     image = image.copy()
     mask = Image.new("L", image.size, 0)
     centre = rng.uniform(0.15, 0.85, size=2) * extent
@@ -118,7 +120,7 @@ def add_small_defect(image: Image.Image, kind: str, rng: np.random.Generator) ->
         angle, length = rng.uniform(0, np.pi), rng.uniform(30, 90) * unit
         step = np.array([np.cos(angle), np.sin(angle)]) * length / 2
         points = [tuple(centre - step), tuple(centre + step)]
-        width = max(1, round(rng.uniform(1.5, 3) * unit))
+        width = max(1, round(rng.uniform(2, 4) * unit))
         ImageDraw.Draw(image).line(points, fill=colour, width=width)
         ImageDraw.Draw(mask).line(points, fill=255, width=width)
     elif kind == "fleck":
@@ -165,10 +167,17 @@ class _Writer:
     the number of threads."""
 
     def __init__(
-        self, category: str, size: int | tuple[int, int], mode: str, pool: ThreadPoolExecutor, defects: str = "regular"
+        self,
+        category: str,
+        size: int | tuple[int, int],
+        mode: str,
+        pool: ThreadPoolExecutor,
+        defects: str = "regular",
+        defect_scale: float = 1.0,
     ) -> None:
         self.category, self.size, self.mode, self.count, self.pool = category, size, mode, 0, pool
-        self.kinds, self.draw = (SMALL_DEFECTS, add_small_defect) if defects == "small" else (DEFECTS, add_defect)
+        small = partial(add_small_defect, scale=defect_scale)
+        self.kinds, self.draw = (SMALL_DEFECTS, small) if defects == "small" else (DEFECTS, add_defect)
         self.pending: list[Future] = []
 
     def normal(self, path: Path, **options: Any) -> None:
@@ -334,17 +343,19 @@ def write_synthetic(
     image_size: int | tuple[int, int] = 128,
     mode: str = "RGB",
     defects: str = "regular",
+    defect_scale: float = 1.0,
 ) -> Path:
     """Write a synthetic dataset of `family` under `root` (Folder takes exactly one category) and return root.
     `mode` "L" writes the images as a monochrome camera would (8-bit grey), the same textures and defects.
-    `defects` "small" draws SMALL_DEFECTS (tens of px in a 2048 px frame) instead of DEFECTS."""
+    `defects` "small" draws SMALL_DEFECTS (tens of px in a 2048 px frame, times `defect_scale`) instead of
+    DEFECTS."""
     if family not in _WRITERS:
         raise ValueError(f"unknown family {family!r}; valid: {', '.join(FAMILIES)}")
     if defects not in ("regular", "small"):
         raise ValueError(f"defects must be regular or small, got {defects!r}")
     root = Path(root)
     with ThreadPoolExecutor(os.cpu_count()) as pool:
-        writers = [_Writer(category, image_size, mode, pool, defects) for category in categories]
+        writers = [_Writer(category, image_size, mode, pool, defects, defect_scale) for category in categories]
         for writer in writers:
             _WRITERS[family](root, writer, n_train, n_test_good, n_test_bad)
         for writer in writers:

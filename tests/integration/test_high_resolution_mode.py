@@ -36,7 +36,7 @@ def test_the_highres_config_runs_fit_test_as_written(ad2_root, tmp_path, capsys)
     report = json.loads(capsys.readouterr().out)
     category = report["per_category"]["can"]
     assert category["status"] == "ok" and category["metrics"]["image_auroc"] is not None
-    assert report["config"]["model"]["init_args"]["score_top_k"] == 8  # the config's own choice survives
+    assert report["config"]["model"]["init_args"]["bank_size"] == 4096  # the config's own choice survives
 
 
 def test_predict_maps_come_out_at_each_images_own_size_and_the_export_scores_alike(ad2_root, tmp_path, capsys):
