@@ -11,9 +11,9 @@ from lit_anomaly.cli import main
 from lit_anomaly.data import write_synthetic
 
 REPO = Path(__file__).resolve().parents[2]
-# configs/highres.yaml's flags at the scale of a test: 64 px working size, tiles of 32
+# configs/highres.yaml at the scale of a test: 64 px working size, tiles of 32 (its bank_size stays)
 SMALL = ["--data.image_size", "[64,64]", "--model.tile_size", "32", "--model.tile_overlap", "16"]
-SMALL += ["--model.bank_size", "100", "--model.pixel_eval_size", "32", "--model.pretrained", "false"]
+SMALL += ["--model.pixel_eval_size", "32", "--model.pretrained", "false"]
 
 
 @pytest.fixture(scope="module")
