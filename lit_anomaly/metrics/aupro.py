@@ -1,9 +1,12 @@
-"""AUPRO (MVTec AD) and AU-sPRO (MVTec LOCO), exact, from one sort of all pixel scores.
+"""Pixel AUROC, AP, F1-max and AUPRO (MVTec AD), and AU-sPRO (MVTec LOCO), exact, from one sort of all pixel
+scores.
 
 At every threshold t, FPR(t) is the share of defect-free pixels with score >= t and PRO(t) the
 mean, over ground-truth regions, of the share of the region's pixels with score >= t. Both are
 sums of per-pixel weights over the pixels scoring >= t, so one descending sort and two cumulative
-sums give the whole curve; it is read at the last pixel of every run of tied scores.
+sums give the whole curve; it is read at the last pixel of every run of tied scores. The true and false
+positives counted on the way give the ROC and precision-recall curves, so AUROC, AP and F1-max come from the
+same sort.
 """
 
 from __future__ import annotations
@@ -92,8 +95,8 @@ def _area_under_curve(fpr: np.ndarray, pro: np.ndarray, limit: float) -> float:
 
 
 def _curves(maps: Tensor, masks: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """From one sort of all pixels, at every distinct threshold: true and false positive rates, and FPR
-    and PRO as AUPRO defines them (FPR over defect-free pixels, PRO the mean overlap over regions)."""
+    """From one sort of all pixels, at every distinct threshold (descending): true positives, false positives
+    (counts) and PRO as AUPRO defines it (the mean overlap over regions; FPR is over defect-free pixels)."""
     regions, n_regions = label_regions(masks)
     if n_regions == 0:
         raise ValueError("AUPRO needs at least one ground-truth region")
@@ -105,34 +108,55 @@ def _curves(maps: Tensor, masks: Tensor) -> tuple[np.ndarray, np.ndarray, np.nda
     true_positives = np.cumsum(defect)[run_ends]
     seen = np.flatnonzero(run_ends) + 1
     false_positives = seen - true_positives
-    n_defect, n_normal = int(true_positives[-1]), len(region_of) - int(true_positives[-1])
     pro = np.cumsum(share[region_of])[run_ends]
-    return true_positives / max(1, n_defect), false_positives / max(1, n_normal), pro
+    return true_positives, false_positives, pro
+
+
+def positives_descending(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cumulative true and false positive counts at every distinct score of `scores`, descending, where
+    `positive` marks the defects: what `ranking_metrics` reads."""
+    order, run_ends = _descending(scores)
+    true_positives = np.cumsum(positive[order])[run_ends]
+    return true_positives, np.flatnonzero(run_ends) + 1 - true_positives
+
+
+def ranking_metrics(true_positives: np.ndarray, false_positives: np.ndarray) -> tuple[float, float, float]:
+    """AUROC (ties count half), AP (recall gained times precision, summed over the thresholds) and F1-max (over
+    the thresholds) from the cumulative true and false positive counts at every distinct score, descending."""
+    n_defect, n_normal = max(1, int(true_positives[-1])), max(1, int(false_positives[-1]))
+    tpr, fpr = true_positives / n_defect, false_positives / n_normal
+    auroc = float(np.trapezoid(np.concatenate([[0.0], tpr]), np.concatenate([[0.0], fpr])))  # = Mann-Whitney
+    precision = true_positives / (true_positives + false_positives)
+    ap = float((np.diff(true_positives, prepend=0) * precision).sum() / n_defect)
+    f1_max = float((2 * true_positives / (true_positives + false_positives + n_defect)).max())
+    return auroc, ap, f1_max
 
 
 def aupro(maps: Tensor, masks: Tensor, fpr_limit: float = 0.3) -> float:
     """Normalised area under the PRO curve up to `fpr_limit`; maps and masks are (N, H, W)."""
-    _, fpr, pro = _curves(maps, masks)
-    return _area_under_curve(fpr, pro, fpr_limit)
+    _, false_positives, pro = _curves(maps, masks)
+    return _area_under_curve(false_positives / max(1, int(false_positives[-1])), pro, fpr_limit)
 
 
 def pixel_auroc_and_aupro(maps: Tensor, masks: Tensor, fpr_limit: float = 0.3) -> tuple[float, float]:
     """Pixel AUROC (ties count half, exact) and AUPRO from one sort of all pixel scores."""
-    auroc, area, _ = pixel_auroc_aupro_and_pro_curve(maps, masks, fpr_limit)
-    return auroc, area
+    metrics, _ = pixel_metrics_and_pro_curve(maps, masks, fpr_limit)
+    return metrics["pixel_auroc"], metrics["pixel_aupro"]
 
 
-def pixel_auroc_aupro_and_pro_curve(
+def pixel_metrics_and_pro_curve(
     maps: Tensor, masks: Tensor, fpr_limit: float = 0.3, points: int = 101
-) -> tuple[float, float, dict[str, list[float]]]:
-    """`pixel_auroc_and_aupro` and the PRO curve up to `fpr_limit`, read at `points` evenly spaced FPRs
-    (for plotting: the exact curve has a point per distinct pixel score)."""
-    tpr, fpr, pro = _curves(maps, masks)
-    auroc = float(np.trapezoid(np.concatenate([[0.0], tpr]), np.concatenate([[0.0], fpr])))  # = Mann-Whitney
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Pixel AUROC, AP, F1-max and AUPRO from one sort of all pixel scores, and the PRO curve up to `fpr_limit`
+    read at `points` evenly spaced FPRs (for plotting: the exact curve has a point per distinct pixel score)."""
+    true_positives, false_positives, pro = _curves(maps, masks)
+    auroc, ap, f1_max = ranking_metrics(true_positives, false_positives)
+    fpr = false_positives / max(1, int(false_positives[-1]))
     grid = np.linspace(0.0, fpr_limit, points)
     at_grid = np.interp(grid, np.concatenate([[0.0], fpr]), np.concatenate([[0.0], np.minimum(pro, 1.0)]))
     curve = {"fpr": grid.round(6).tolist(), "pro": at_grid.round(6).tolist(), "fpr_limit": fpr_limit}
-    return auroc, _area_under_curve(fpr, pro, fpr_limit), curve
+    metrics = {"pixel_auroc": auroc, "pixel_ap": ap, "pixel_f1_max": f1_max}
+    return metrics | {"pixel_aupro": _area_under_curve(fpr, pro, fpr_limit)}, curve
 
 
 def au_spro(

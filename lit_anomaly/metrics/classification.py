@@ -20,9 +20,14 @@ from torchmetrics.functional.classification import (
 )
 
 from ..runtime.decision import flagged
+from .aupro import positives_descending, ranking_metrics
 
-IMAGE_KEYS = ("image_auroc", "image_ap", "image_f1", "image_precision", "image_recall", "image_specificity")
-PIXEL_KEYS = ("pixel_auroc", "pixel_aupro")
+RANKING_KEYS = ("image_auroc", "image_ap", "image_f1_max")  # over every threshold: no calibration needed
+THRESHOLD_KEYS = ("image_f1", "image_precision", "image_recall", "image_specificity")  # at the calibrated one
+IMAGE_KEYS = RANKING_KEYS + THRESHOLD_KEYS
+PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro")
+# ADer's mAD (Zhang et al., 2024): the mean of the seven metrics published tables report
+MAD_PARTS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro")
 
 
 def rank_scores(scores: Tensor) -> Tensor:
@@ -40,15 +45,15 @@ def image_metrics(scores: Tensor, labels: Tensor, threshold: float | None) -> tu
     if len(labels) == 0:
         return metrics, dict.fromkeys(IMAGE_KEYS, "no labelled test images")
     if labels.min() == labels.max():
-        reason = "test set has only one class"
-        notes.update(image_auroc=reason, image_ap=reason)
+        notes.update(dict.fromkeys(RANKING_KEYS, "test set has only one class"))
     else:
         ranked = rank_scores(scores)
         metrics["image_auroc"] = float(binary_auroc(ranked, labels))
         metrics["image_ap"] = float(binary_average_precision(ranked, labels))
+        metrics["image_f1_max"] = ranking_metrics(*positives_descending(scores.numpy(), labels.numpy() == 1))[2]
     if threshold is None or threshold != threshold:
         reason = "no calibrated threshold (no calibration normals)"
-        notes.update({k: reason for k in IMAGE_KEYS[2:]})
+        notes.update(dict.fromkeys(THRESHOLD_KEYS, reason))
         return metrics, notes
     predictions = flagged(scores, threshold).long()
     undefined = {  # a ratio whose denominator is empty: null with the reason, never a 0 that means nothing
@@ -66,6 +71,12 @@ def image_metrics(scores: Tensor, labels: Tensor, threshold: float | None) -> tu
         else:
             metrics[key] = float(fn(predictions, labels))
     return metrics, notes
+
+
+def mean_of_published(metrics: dict[str, float | None]) -> float | None:
+    """ADer's mAD: the mean of `MAD_PARTS`, or None where one of them has no value."""
+    parts = [metrics.get(key) for key in MAD_PARTS]
+    return None if any(value is None for value in parts) else sum(parts) / len(parts)
 
 
 def pixel_auroc(maps: Tensor, masks: Tensor) -> float:

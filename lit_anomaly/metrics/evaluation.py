@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from ..runtime.decision import flagged
-from .aupro import au_spro, pixel_auroc_aupro_and_pro_curve
-from .classification import image_metrics
+from .aupro import au_spro, pixel_metrics_and_pro_curve
+from .classification import PIXEL_KEYS, image_metrics, mean_of_published
 from .intervals import bootstrap_intervals
 
 
@@ -52,6 +52,9 @@ def evaluate_test(outputs: Mapping[str, Tensor], threshold: float | None, aupro_
     metrics, notes = image_metrics(outputs["score"], outputs["label"], threshold)
     pixel, curves = pixel_metrics(outputs, notes, aupro_fpr_limit)
     metrics.update(pixel)
+    metrics["mad"] = mean_of_published(metrics)
+    if metrics["mad"] is None:
+        notes["mad"] = "one of its seven parts has no value"
     return TestResult(
         index=outputs["index"], score=outputs["score"], label=outputs["label"],
         pred=flagged(outputs["score"], threshold).long() if threshold is not None else None,
@@ -63,7 +66,8 @@ def evaluate_test(outputs: Mapping[str, Tensor], threshold: float | None, aupro_
 def pixel_metrics(
     outputs: Mapping[str, Tensor], notes: dict[str, str], aupro_fpr_limit: float
 ) -> tuple[dict[str, float | None], dict[str, Any]]:
-    """Pixel AUROC and AUPRO over the images with a usable mask (normal images count as all-normal masks)."""
+    """Pixel AUROC, AP, F1-max and AUPRO over the images with a usable mask (normal images count as all-normal
+    masks), from one sort of their pixels."""
     usable = outputs["has_mask"] & (outputs["label"] >= 0)
     maps, masks = outputs["map"][usable], outputs["mask"][usable]
     empty = int(((outputs["label"] == 1) & outputs["has_mask"] & ~outputs["mask"].flatten(1).any(1)).sum())
@@ -73,10 +77,10 @@ def pixel_metrics(
         )
     if not masks.any() or masks.all():
         reason = "no ground-truth masks for anomalous test images" if not masks.any() else "no normal pixels"
-        notes.update(pixel_auroc=reason, pixel_aupro=reason)
-        return {"pixel_auroc": None, "pixel_aupro": None}, {}
-    auroc, pro, curve = pixel_auroc_aupro_and_pro_curve(maps, masks, aupro_fpr_limit)
-    return {"pixel_auroc": auroc, "pixel_aupro": pro}, {"pro": curve}
+        notes.update(dict.fromkeys(PIXEL_KEYS, reason))
+        return dict.fromkeys(PIXEL_KEYS), {}
+    metrics, curve = pixel_metrics_and_pro_curve(maps, masks, aupro_fpr_limit)
+    return metrics, {"pro": curve}
 
 
 def metrics_by_defect_type(

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ..runtime.decision import flagged
-from .classification import IMAGE_KEYS
+from .classification import IMAGE_KEYS, THRESHOLD_KEYS
 
 RESAMPLES = 2000
 CONFIDENCE = 0.95
@@ -27,19 +27,31 @@ def _auroc(normal: np.ndarray, defect: np.ndarray, axis: int = -1) -> np.ndarray
     return (ranks[..., n0:].sum(-1) - n1 * (n1 + 1) / 2) / (n0 * n1)
 
 
-def _average_precision(normal: np.ndarray, defect: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Average precision along `axis`: the sum over distinct thresholds of recall gained times precision."""
+def _ranked(normal: np.ndarray, defect: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Along `axis`, in descending order of the pooled scores: the cumulative true positives, the count of
+    images seen, and the mask of the last image of every run of tied scores."""
     normal, defect = np.moveaxis(normal, axis, -1), np.moveaxis(defect, axis, -1)
     scores = np.concatenate([normal, defect], axis=-1)
     labels = np.concatenate([np.zeros(normal.shape), np.ones(defect.shape)], axis=-1)
     order = np.argsort(-scores, axis=-1, kind="stable")
     scores, labels = np.take_along_axis(scores, order, -1), np.take_along_axis(labels, order, -1)
     run_end = np.concatenate([scores[..., 1:] != scores[..., :-1], np.ones((*scores.shape[:-1], 1), bool)], -1)
-    true_positives = np.cumsum(labels, axis=-1)
-    precision = true_positives / np.arange(1, scores.shape[-1] + 1)
+    return np.cumsum(labels, axis=-1), np.arange(1, scores.shape[-1] + 1), run_end
+
+
+def _average_precision(normal: np.ndarray, defect: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Average precision along `axis`: the sum over distinct thresholds of recall gained times precision."""
+    true_positives, seen, run_end = _ranked(normal, defect, axis)
+    precision = true_positives / seen
     at_ends = np.where(run_end, true_positives, 0.0)
     before = np.concatenate([np.zeros((*at_ends.shape[:-1], 1)), np.maximum.accumulate(at_ends, -1)[..., :-1]], -1)
-    return np.where(run_end, (true_positives - before) * precision, 0.0).sum(-1) / defect.shape[-1]
+    return np.where(run_end, (true_positives - before) * precision, 0.0).sum(-1) / defect.shape[axis]
+
+
+def _f1_max(normal: np.ndarray, defect: np.ndarray, axis: int = -1) -> np.ndarray:
+    """The largest F1 along `axis` over distinct thresholds: 2 TP / (TP + FP + defects)."""
+    true_positives, seen, run_end = _ranked(normal, defect, axis)
+    return np.where(run_end, 2 * true_positives / (seen + defect.shape[axis]), 0.0).max(-1)
 
 
 def _at_threshold(threshold: float, key: str) -> Callable[..., np.ndarray]:
@@ -60,9 +72,9 @@ def _at_threshold(threshold: float, key: str) -> Callable[..., np.ndarray]:
 
 def image_statistics(threshold: float | None) -> dict[str, Callable[..., np.ndarray]]:
     """Vectorised statistics of (normal scores, defect scores) for every image metric that has a value."""
-    statistics = {"image_auroc": _auroc, "image_ap": _average_precision}
+    statistics = {"image_auroc": _auroc, "image_ap": _average_precision, "image_f1_max": _f1_max}
     if threshold is not None and threshold == threshold:
-        statistics |= {key: _at_threshold(threshold, key) for key in IMAGE_KEYS[2:]}
+        statistics |= {key: _at_threshold(threshold, key) for key in THRESHOLD_KEYS}
     return statistics
 
 

@@ -15,7 +15,7 @@ from .. import __version__
 from ..metrics.classification import IMAGE_KEYS, PIXEL_KEYS
 
 SCHEMA_VERSION = 1
-HEADLINE_METRICS = IMAGE_KEYS + PIXEL_KEYS
+HEADLINE_METRICS = (*IMAGE_KEYS, *PIXEL_KEYS, "mad")
 
 
 def aggregate(per_category: dict[str, dict], keys: Iterable[str] = HEADLINE_METRICS) -> tuple[dict, dict]:

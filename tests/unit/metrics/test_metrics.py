@@ -4,7 +4,10 @@ import torch
 from scipy import ndimage
 
 from lit_anomaly.metrics import au_spro, aupro, image_metrics, pixel_auroc, pixel_auroc_and_aupro, resolve_quantile
-from lit_anomaly.metrics.aupro import pixel_auroc_aupro_and_pro_curve
+from lit_anomaly.metrics.aupro import pixel_metrics_and_pro_curve
+from lit_anomaly.metrics.classification import MAD_PARTS
+from lit_anomaly.metrics.evaluation import evaluate_test
+from lit_anomaly.metrics.intervals import bootstrap_intervals
 
 
 def pairwise_auroc(scores, labels):
@@ -156,8 +159,70 @@ def test_float32_maps_give_the_curves_of_float64_maps_with_negative_scores_and_s
     masks[1, 3:9, 4:10] = masks[3, 0:3, :] = True
     maps = (torch.randn(5, 16, 16, generator=generator) * 4).round() / 4 + masks  # ties around zero
     maps[0, :2], maps[0, 2:4] = 0.0, -0.0  # equal scores: one run, however their bits differ
-    single = pixel_auroc_aupro_and_pro_curve(maps.float(), masks)
-    double = pixel_auroc_aupro_and_pro_curve(maps.double(), masks)
-    assert single[0] == pytest.approx(pairwise_auroc(maps.flatten().double(), masks.flatten().long()), abs=1e-12)
-    assert single[:2] == pytest.approx(double[:2], abs=1e-12)
-    assert single[2] == double[2]
+    single = pixel_metrics_and_pro_curve(maps.float(), masks)
+    double = pixel_metrics_and_pro_curve(maps.double(), masks)
+    expected = pairwise_auroc(maps.flatten().double(), masks.flatten().long())
+    assert single[0]["pixel_auroc"] == pytest.approx(expected, abs=1e-12)
+    assert single[0] == pytest.approx(double[0], abs=1e-12)
+    assert single[1] == double[1]
+
+
+def slow_ap(scores, labels):
+    """Reference: every distinct threshold t, descending; recall gained times precision of `scores >= t`."""
+    ap, recall_before = 0.0, 0.0
+    for t in np.unique(scores)[::-1]:
+        predicted = scores >= t
+        true_positives = (predicted & (labels == 1)).sum()
+        recall = true_positives / (labels == 1).sum()
+        ap += (recall - recall_before) * true_positives / predicted.sum()
+        recall_before = recall
+    return ap
+
+
+def slow_f1_max(scores, labels):
+    """Reference: the best F1 of `scores >= t` over every distinct threshold t."""
+    best = 0.0
+    for t in np.unique(scores):
+        predicted = scores >= t
+        true_positives = (predicted & (labels == 1)).sum()
+        best = max(best, 2 * true_positives / (predicted.sum() + (labels == 1).sum()))
+    return best
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_published_pixel_metrics_from_one_sort_equal_slow_references(seed):
+    generator = torch.Generator().manual_seed(seed)
+    maps = torch.randint(0, 40, (4, 12, 12), generator=generator).float() / 7  # many tied scores
+    masks = torch.zeros(4, 12, 12, dtype=torch.bool)
+    masks[0, 2:5, 2:6] = masks[1, 7:11, 1:3] = masks[2, 0:2, 9:12] = True
+    maps = maps + 1.5 * masks
+    metrics, _ = pixel_metrics_and_pro_curve(maps, masks, 0.3)
+    scores, labels = maps.flatten().double().numpy(), masks.flatten().long().numpy()
+    assert metrics["pixel_ap"] == pytest.approx(slow_ap(scores, labels), abs=1e-12)
+    assert metrics["pixel_f1_max"] == pytest.approx(slow_f1_max(scores, labels), abs=1e-12)
+    assert metrics["pixel_auroc"] == pytest.approx(pairwise_auroc(maps.flatten().double(), masks.flatten()), abs=1e-12)
+    assert metrics["pixel_aupro"] == pytest.approx(per_threshold_aupro(maps, masks, 0.3), abs=1e-9)
+
+
+def test_image_f1_max_equals_the_best_threshold_and_mad_is_the_mean_of_its_seven_parts():
+    generator = torch.Generator().manual_seed(4)
+    labels = torch.tensor([0] * 12 + [1] * 9)
+    scores = (torch.randn(21, generator=generator) + 1.2 * labels).round(decimals=1).double()  # ties
+    metrics, _ = image_metrics(scores, labels, threshold=0.5)
+    assert metrics["image_f1_max"] == pytest.approx(slow_f1_max(scores.numpy(), labels.numpy()), abs=1e-12)
+    assert metrics["image_f1_max"] >= metrics["image_f1"]  # the calibrated threshold is one of the thresholds
+    masks = torch.zeros(21, 8, 8, dtype=torch.bool)
+    masks[12:, 2:5, 3:6] = True
+    outputs = {
+        "index": torch.arange(21), "score": scores, "label": labels, "has_mask": torch.ones(21, dtype=torch.bool),
+        "map": torch.rand(21, 8, 8, generator=generator) + masks, "mask": masks,
+        "image": torch.zeros(21, 3, 8, 8, dtype=torch.uint8),
+    }  # fmt: skip
+    result = evaluate_test(outputs, 0.5, 0.3)
+    assert set(MAD_PARTS) <= set(result.metrics) and len(MAD_PARTS) == 7
+    assert result.metrics["mad"] == pytest.approx(sum(result.metrics[k] for k in MAD_PARTS) / 7, abs=1e-15)
+    low, high = bootstrap_intervals(scores.tolist(), labels.tolist(), 0.5, resamples=200)["image_f1_max"]
+    assert low <= metrics["image_f1_max"] <= high
+    outputs["has_mask"][:] = False  # no pixel metrics: no mAD either, with the reason
+    unmasked = evaluate_test(outputs, 0.5, 0.3)
+    assert unmasked.metrics["mad"] is None and "mad" in unmasked.notes
