@@ -34,7 +34,7 @@ figcaption{font-size:12px;color:#555;max-width:275px}td small{white-space:nowrap
 .cases{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:12px}
 .cases img{width:100%;image-rendering:pixelated;border:1px solid #ddd}
 .better{background:#e6f4ea}.worse{background:#fdecea}
-nav a{margin-right:10px}.legend{font-size:12px;color:#555}
+nav a{margin-right:10px}.legend{font-size:12px;color:#555}.scroll{overflow-x:auto}
 """
 CASE_KINDS = {"false_alarm": "Highest-scored normal images", "missed_defect": "Lowest-scored anomalous images"}
 
@@ -163,7 +163,7 @@ class RunPage:
             rows.append([link, *cells, f"<td style='text-align:left'>{escape(promise)}</td>"])
         by_category = table(["category", *shown, "threshold's promise"], rows)
         return (
-            f"<section id='summary'><h2>Summary</h2>{overall}<h3>Categories</h3>{by_category}"
+            f"<section id='summary'><h2>Summary</h2>{overall}<h3>Categories</h3><div class='scroll'>{by_category}</div>"
             "<p class='legend'>Brackets: 95 % bootstrap interval (normal and anomalous test images resampled "
             "separately). Promise: quantile q, how the calibration normals were scored, how many, and the "
             "share of good parts the threshold flags at most, on average.</p></section>"
