@@ -39,6 +39,30 @@ def mvtec_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def fit_tiny():
+    """fit(cls, root, size, **kwargs): a detector fitted (random backbone weights, seeded; q = 0.5; batches of 4)
+    on the generated category "tile" under `root` at `size` px, and its six train images as it saw them."""
+    import pytorch_lightning as pl
+
+    from lit_anomaly.callbacks import ResultCollector
+    from lit_anomaly.data import MVTecAD
+
+    def fit(cls, root: Path, size: int, **kwargs):
+        torch.manual_seed(0)  # the random backbone weights
+        dm = MVTecAD(root, "tile", image_size=size, num_workers=0, train_batch_size=4)
+        model = cls(backbone="efficientnet_lite0", pretrained=False, calibration_quantile=0.5, **kwargs)
+        pl.Trainer(
+            accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=[ResultCollector()],
+        ).fit(model, datamodule=dm)  # fmt: skip
+        dataset = dm.dataloader("train").dataset
+        images = torch.stack([torch.as_tensor(dataset[i]["image"]) for i in range(6)]).float()
+        return model, images / 255
+
+    return fit
+
+
+@pytest.fixture
 def lightning_records():
     """What Lightning logs (it does not propagate to the root logger, so caplog misses it)."""
     records: list[logging.LogRecord] = []

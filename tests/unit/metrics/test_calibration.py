@@ -104,17 +104,8 @@ def tiny_root(tmp_path_factory):
     return write_synthetic(tmp_path_factory.mktemp("tiny"), "MVTecAD", ["tile"], 6, 2, 2, image_size=32)
 
 
-def fitted(cls, root, **kwargs):
-    torch.manual_seed(0)  # the random backbone weights
-    dm = MVTecAD(root, "tile", image_size=32, num_workers=0, train_batch_size=4)
-    model = cls(backbone="efficientnet_lite0", pretrained=False, calibration_quantile=0.5, **kwargs)
-    trainer().fit(model, datamodule=dm)
-    images = torch.stack([torch.as_tensor(dm.dataloader("train").dataset[i]["image"]) for i in range(6)]).float()
-    return model, images / 255
-
-
-def test_padim_leave_one_out_equals_a_refit_without_the_image(tiny_root):
-    model, images = fitted(PaDiM, tiny_root, n_features=12, layers=(1, 2))
+def test_padim_leave_one_out_equals_a_refit_without_the_image(fit_tiny, tiny_root):
+    model, images = fit_tiny(PaDiM, tiny_root, 32, n_features=12, layers=(1, 2))
     torch_model = model.model
     embeddings = torch_model.embed(images).double()  # PaDiM fits and stores float32 values
     brute_force = []
@@ -130,12 +121,18 @@ def test_padim_leave_one_out_equals_a_refit_without_the_image(tiny_root):
 
 
 @pytest.mark.parametrize(("block_size", "top_k"), [(None, 1), (32, 1), (32, 4)])
-def test_patchcore_leave_one_out_equals_scoring_against_the_repaired_bank(tiny_root, block_size, top_k):
+def test_patchcore_leave_one_out_equals_scoring_against_the_repaired_bank(fit_tiny, tiny_root, block_size, top_k):
     """Reference, by brute force: drop the image's bank rows, re-pick as many farthest-first among the patches
     of its block's other images that they were nearest to, score the image against that bank (the mean of its
     `top_k` farthest patches). Blocks of 32 patches hold two 32 px images (4 x 4 patches each)."""
-    model, images = fitted(
-        PatchCore, tiny_root, coreset_ratio=0.1, projection_dim=None, coreset_block_size=block_size, score_top_k=top_k
+    model, images = fit_tiny(
+        PatchCore,
+        tiny_root,
+        32,
+        coreset_ratio=0.1,
+        projection_dim=None,
+        coreset_block_size=block_size,
+        score_top_k=top_k,
     )
     torch_model = model.model
     embedding = torch_model.embed(images)  # (6, D, h, w)
@@ -169,16 +166,16 @@ def test_patchcore_leave_one_out_equals_scoring_against_the_repaired_bank(tiny_r
 
 
 @pytest.mark.parametrize("calibration", ["leave-one-out", "k-fold:3"])
-def test_patchcore_scores_at_most_calibration_max_images(tiny_root, calibration):
-    model, _ = fitted(PatchCore, tiny_root, calibration=calibration, calibration_max_images=4)
+def test_patchcore_scores_at_most_calibration_max_images(fit_tiny, tiny_root, calibration):
+    model, _ = fit_tiny(PatchCore, tiny_root, 32, calibration=calibration, calibration_max_images=4)
     assert model.calibration.n == 4 and model.scored_images(6).tolist() == model.scored_images(6).sort().values.tolist()
     with pytest.raises(ValueError, match="calibration_max_images"):
         PatchCore(backbone="efficientnet_lite0", pretrained=False, calibration_max_images=0)
 
 
 @pytest.mark.parametrize("cls", [PatchCore, PaDiM])
-def test_k_fold_scores_every_train_image_once(cls, tiny_root):
-    model, _ = fitted(cls, tiny_root, calibration="k-fold:3", **({"n_features": 12} if cls is PaDiM else {}))
+def test_k_fold_scores_every_train_image_once(fit_tiny, cls, tiny_root):
+    model, _ = fit_tiny(cls, tiny_root, 32, calibration="k-fold:3", **({"n_features": 12} if cls is PaDiM else {}))
     assert model.calibration.method == "k-fold:3" and model.calibration.n == 6
 
 
@@ -203,9 +200,9 @@ def test_q095_flags_at_most_ten_percent_of_unseen_normals(tmp_path):
     assert result.metrics["image_specificity"] == pytest.approx(1 - share_above)
 
 
-def test_checkpoints_of_lit_anomaly_0_1_still_load(tiny_root, tmp_path):
+def test_checkpoints_of_lit_anomaly_0_1_still_load(fit_tiny, tiny_root, tmp_path):
     """0.1 stored the threshold with quantile and count buffers and no calibration record or fitted size."""
-    model, _ = fitted(PatchCore, tiny_root)
+    model, _ = fit_tiny(PatchCore, tiny_root, 32)
     lightning = trainer()
     lightning.strategy.connect(model)
     lightning.save_checkpoint(tmp_path / "new.ckpt")

@@ -4,11 +4,9 @@ leave-one-out that is still a refit without the image."""
 import copy
 
 import pytest
-import pytorch_lightning as pl
 import torch
 
-from lit_anomaly.callbacks import ResultCollector
-from lit_anomaly.data import MVTecAD, write_synthetic
+from lit_anomaly.data import write_synthetic
 from lit_anomaly.models import PaDiM, PatchCore
 from lit_anomaly.models.components import FeatureExtractor, TileGrid
 from lit_anomaly.models.components.tiling import tile_axis
@@ -17,25 +15,9 @@ from lit_anomaly.models.patchcore.torch_model import PatchCoreModel
 MODE = {"tile_size": 32, "tile_overlap": 16, "score_top_k": 3}
 
 
-def trainer() -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        num_sanity_val_steps=0, enable_model_summary=False, callbacks=[ResultCollector()],
-    )  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def small_root(tmp_path_factory):
     return write_synthetic(tmp_path_factory.mktemp("highres"), "MVTecAD", ["tile"], 6, 2, 2, image_size=64)
-
-
-def fitted(root, **kwargs):
-    torch.manual_seed(0)  # the random backbone weights
-    dm = MVTecAD(root, "tile", image_size=64, num_workers=0, train_batch_size=4)
-    model = PatchCore(backbone="efficientnet_lite0", pretrained=False, calibration_quantile=0.5, **kwargs)
-    trainer().fit(model, datamodule=dm)
-    images = torch.stack([torch.as_tensor(dm.dataloader("train").dataset[i]["image"]) for i in range(6)]).float()
-    return model, images / 255
 
 
 @pytest.mark.parametrize(("size", "tile", "overlap"), [(768, 256, 64), (2048, 512, 96), (100, 256, 64), (96, 32, 0)])
@@ -91,17 +73,17 @@ def test_tile_grid_cuts_tile_major_and_stitches_back_the_identity():
     assert torch.equal(grid.stitch(tiles, 1), images)  # stride 1: the pixels themselves come back in place
 
 
-def test_bank_size_bounds_the_memory_bank(small_root):
-    model, _ = fitted(small_root, coreset_ratio=0.5, bank_size=50, **MODE)
+def test_bank_size_bounds_the_memory_bank(fit_tiny, small_root):
+    model, _ = fit_tiny(PatchCore, small_root, 64, coreset_ratio=0.5, bank_size=50, **MODE)
     assert 40 <= len(model.model.memory_bank) <= 60  # each block its share of 50 rows, rounded
-    unbounded, _ = fitted(small_root, coreset_ratio=0.5, **MODE)
+    unbounded, _ = fit_tiny(PatchCore, small_root, 64, coreset_ratio=0.5, **MODE)
     assert len(unbounded.model.memory_bank) > 3 * len(model.model.memory_bank)
 
 
-def test_leave_one_out_in_the_mode_equals_a_refit_without_the_image(small_root):
+def test_leave_one_out_in_the_mode_equals_a_refit_without_the_image(fit_tiny, small_root):
     """All patches in the bank (ratio 1): leaving an image out is exactly a refit on the other five, all of its
     tiles' patches gone together; its score is the mean of its three farthest patches."""
-    model, images = fitted(small_root, coreset_ratio=1.0, **MODE)
+    model, images = fit_tiny(PatchCore, small_root, 64, coreset_ratio=1.0, **MODE)
     torch_model = model.model
     with torch.no_grad():
         features = torch_model.embed(images).permute(0, 2, 3, 1).half().float()  # as fit stores them
@@ -119,8 +101,8 @@ def test_leave_one_out_in_the_mode_equals_a_refit_without_the_image(small_root):
     assert sorted(refits) == pytest.approx(sorted(brute_force), rel=1e-4)
 
 
-def test_top_k_image_score_is_the_mean_of_the_farthest_patches(small_root):
-    model, images = fitted(small_root, coreset_ratio=0.5, **MODE)
+def test_top_k_image_score_is_the_mean_of_the_farthest_patches(fit_tiny, small_root):
+    model, images = fit_tiny(PatchCore, small_root, 64, coreset_ratio=0.5, **MODE)
     torch_model = model.model
     with torch.no_grad():
         embedding = torch_model.embed(images[:2])
@@ -130,11 +112,8 @@ def test_top_k_image_score_is_the_mean_of_the_farthest_patches(small_root):
     assert scores.tolist() == pytest.approx(distances.topk(3, dim=1).values.mean(1).tolist(), rel=1e-4)
 
 
-def test_padim_takes_the_mode_too(small_root):
-    torch.manual_seed(0)
-    dm = MVTecAD(small_root, "tile", image_size=64, num_workers=0, train_batch_size=4)
-    model = PaDiM(backbone="efficientnet_lite0", pretrained=False, n_features=12, layers=(1, 2), **MODE)
-    trainer().fit(model, datamodule=dm)
+def test_padim_takes_the_mode_too(fit_tiny, small_root):
+    model, _ = fit_tiny(PaDiM, small_root, 64, n_features=12, layers=(1, 2), **MODE)
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         output = model(images)
