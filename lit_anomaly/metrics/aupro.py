@@ -104,27 +104,34 @@ def _curves(maps: Tensor, masks: Tensor) -> tuple[np.ndarray, np.ndarray, np.nda
     sizes = np.bincount(region_of, minlength=n_regions + 1).astype(np.float64)
     share = np.divide(1.0, n_regions * sizes, out=np.zeros_like(sizes), where=sizes > 0)
     share[0] = 0.0
-    defect = region_of > 0
-    true_positives = np.cumsum(defect)[run_ends]
-    seen = np.flatnonzero(run_ends) + 1
-    false_positives = seen - true_positives
-    pro = np.cumsum(share[region_of])[run_ends]
-    return true_positives, false_positives, pro
+    true_positives, false_positives = _positives(region_of > 0, run_ends)
+    return true_positives, false_positives, np.cumsum(share[region_of])[run_ends]
+
+
+def _positives(positive: np.ndarray, run_ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cumulative true and false positive counts at the run ends of tied scores, `positive` in descending
+    order of the scores."""
+    true_positives = np.cumsum(positive)[run_ends]
+    return true_positives, np.flatnonzero(run_ends) + 1 - true_positives
+
+
+def _rate(counts: np.ndarray) -> np.ndarray:
+    """Cumulative counts as shares of their total (a true or false positive rate)."""
+    return counts / max(1, int(counts[-1]))
 
 
 def positives_descending(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Cumulative true and false positive counts at every distinct score of `scores`, descending, where
     `positive` marks the defects: what `ranking_metrics` reads."""
     order, run_ends = _descending(scores)
-    true_positives = np.cumsum(positive[order])[run_ends]
-    return true_positives, np.flatnonzero(run_ends) + 1 - true_positives
+    return _positives(positive[order], run_ends)
 
 
 def ranking_metrics(true_positives: np.ndarray, false_positives: np.ndarray) -> tuple[float, float, float]:
     """AUROC (ties count half), AP (recall gained times precision, summed over the thresholds) and F1-max (over
     the thresholds) from the cumulative true and false positive counts at every distinct score, descending."""
-    n_defect, n_normal = max(1, int(true_positives[-1])), max(1, int(false_positives[-1]))
-    tpr, fpr = true_positives / n_defect, false_positives / n_normal
+    n_defect = max(1, int(true_positives[-1]))
+    tpr, fpr = _rate(true_positives), _rate(false_positives)
     auroc = float(np.trapezoid(np.concatenate([[0.0], tpr]), np.concatenate([[0.0], fpr])))  # = Mann-Whitney
     precision = true_positives / (true_positives + false_positives)
     ap = float((np.diff(true_positives, prepend=0) * precision).sum() / n_defect)
@@ -135,7 +142,7 @@ def ranking_metrics(true_positives: np.ndarray, false_positives: np.ndarray) -> 
 def aupro(maps: Tensor, masks: Tensor, fpr_limit: float = 0.3) -> float:
     """Normalised area under the PRO curve up to `fpr_limit`; maps and masks are (N, H, W)."""
     _, false_positives, pro = _curves(maps, masks)
-    return _area_under_curve(false_positives / max(1, int(false_positives[-1])), pro, fpr_limit)
+    return _area_under_curve(_rate(false_positives), pro, fpr_limit)
 
 
 def pixel_auroc_and_aupro(maps: Tensor, masks: Tensor, fpr_limit: float = 0.3) -> tuple[float, float]:
@@ -151,7 +158,7 @@ def pixel_metrics_and_pro_curve(
     read at `points` evenly spaced FPRs (for plotting: the exact curve has a point per distinct pixel score)."""
     true_positives, false_positives, pro = _curves(maps, masks)
     auroc, ap, f1_max = ranking_metrics(true_positives, false_positives)
-    fpr = false_positives / max(1, int(false_positives[-1]))
+    fpr = _rate(false_positives)
     grid = np.linspace(0.0, fpr_limit, points)
     at_grid = np.interp(grid, np.concatenate([[0.0], fpr]), np.concatenate([[0.0], np.minimum(pro, 1.0)]))
     curve = {"fpr": grid.round(6).tolist(), "pro": at_grid.round(6).tolist(), "fpr_limit": fpr_limit}
