@@ -77,10 +77,7 @@ class PaDiMModel(nn.Module):
         maps = F.interpolate(distances, tuple(size), mode="bilinear")
         maps = smooth(maps, self.blur_sigma)
         flat = maps.flatten(1)
-        score = (
-            flat.amax(1) if self.score_top_k == 1 else flat.topk(min(self.score_top_k, flat.shape[1])).values.mean(1)
-        )
-        return {"score": score, "anomaly_map": maps}
+        return {"score": flat.topk(min(self.score_top_k, flat.shape[1])).values.mean(1), "anomaly_map": maps}
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         distances = self.distances(self.embed(images), self.mean, self.inverse_covariance)

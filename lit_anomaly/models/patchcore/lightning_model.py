@@ -47,9 +47,9 @@ class PatchCore(AnomalyModule):
         bank_size: at most this many memory-bank rows, however many patches the train images have (null: only
             coreset_ratio bounds it). Scoring a patch costs one distance per row, so with a bank_size the search
             grows linearly with the pixels, not with their square: the high-resolution mode (configs/highres.yaml).
-        score_top_k: the image score is the mean of the k largest patch distances; 1 is the paper's maximum. On
-            fine maps the maximum of one patch is noisy, and a few patches' mean ranks images better
-            (docs/HIGH_RESOLUTION.md).
+        score_top_k: the image score is the mean of the k largest patch distances; 1 is the paper's maximum. A
+            mean over a few patches averages a noisy map's stray patches away, and dilutes defects smaller than k
+            patches: docs/HIGH_RESOLUTION.md measures both.
         tile_size: run the backbone on square tiles of this many px and stitch their features, so that memory
             follows the tile and not the image (null: whole images). Sides of a tiled --data.image_size must be
             multiples of the backbone's coarsest stride at these layers (16 or 32).
