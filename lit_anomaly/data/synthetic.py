@@ -129,11 +129,8 @@ def add_small_defect(
         ImageDraw.Draw(mask).ellipse(box, fill=255)
         alpha = np.asarray(mask.filter(ImageFilter.GaussianBlur(radius=radius / 4)), dtype=np.float32)[..., None] / 255
         blended = pixels * (1 - alpha * 0.8) + np.array(colour, dtype=np.float32) * alpha * 0.8
-        image = Image.fromarray(
-            np.clip(blended, 0, 255).astype(np.uint8).squeeze(-1)
-            if image.mode == "L"
-            else np.clip(blended, 0, 255).astype(np.uint8)
-        )
+        blended = np.clip(blended, 0, 255).astype(np.uint8)
+        image = Image.fromarray(blended[..., 0] if image.mode == "L" else blended)
     elif kind == "knot":  # the weave inside a disc, turned a quarter: same grey, another texture
         radius = max(2, round(rng.uniform(12, 24) * unit))
         x, y = (int(c) for c in np.clip(centre, radius, extent - radius - 1))
