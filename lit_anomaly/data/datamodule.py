@@ -147,6 +147,12 @@ class AnomalyDataModule(pl.LightningDataModule):
         if not self.root.is_dir():
             raise DatasetError(self._missing_root_message(self.root))
         valid = self.categories(self.root)
+        if self.category == "all" or "," in self.category:  # fit+test's loop takes these; nothing else does
+            raise DatasetError(
+                f"--data.category {self.category} names several categories: only fit+test runs them; test and "
+                f"predict take one of {', '.join(valid)} (a unified detector predicts on --data.predict_dir with "
+                "its class-agnostic threshold)"
+            )
         if self.category not in valid:
             raise DatasetError(
                 f"unknown {type(self).__name__} category {self.category!r} under {self.root}; valid: {', '.join(valid)}"

@@ -101,6 +101,11 @@ def describe(detector: AnomalyModule, checkpoint: dict[str, Any], format_name: s
         "threshold": {
             "value": detector.calibrated_threshold,
             "provenance": calibration.provenance() if calibration is not None else None,
+            # a unified detector's own threshold per category (lit-anomaly-infer --category); {} for one category
+            "by_category": {
+                category: {"value": own.threshold, "provenance": own.provenance()}
+                for category, own in (calibration.categories if calibration is not None else {}).items()
+            },
         },
         "score": "the raw image score (the anomaly map's maximum, PatchCore's reweighted when reweight is on); "
         "pred = score > threshold (strictly)",

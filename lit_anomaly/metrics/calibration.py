@@ -9,6 +9,7 @@ the promise weakens to 1 / (n + 1).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -19,6 +20,7 @@ from torchmetrics import Metric
 DEFAULT_QUANTILE = 0.995
 # Where calibration scores come from; `train` scores are out of sample (leave-one-out, k-fold).
 TRAIN, SPLIT = 0, 1
+SOURCE_SPLITS = {TRAIN: "train", SPLIT: "calibration"}  # the datamodule split each source's indices point into
 
 
 def resolve_quantile(calibration_quantile: float | None = None, contamination: float | None = None) -> float:
@@ -51,7 +53,10 @@ def normals_needed(quantile: float) -> int:
 
 @dataclass
 class Calibration:
-    """A calibrated threshold and where it came from; `provenance()` is what reports and checkpoints carry."""
+    """A calibrated threshold and where it came from; `provenance()` is what reports and checkpoints carry.
+
+    A detector fitted on several categories at once (a unified run) carries one threshold over all their
+    normals (class-agnostic) and, in `categories`, each category's own threshold over its own normals."""
 
     threshold: float | None
     quantile: float
@@ -63,16 +68,24 @@ class Calibration:
     scores: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.float64), repr=False)
     seconds: float = 0.0
     margin: float = 0.0  # added to the rank rule's score: what storing train features at lower precision can hide
+    categories: dict[str, Calibration] = field(default_factory=dict)
+
+    def for_category(self, category: str | None) -> Calibration:
+        """The calibration that decides for `category`: its own in a unified run, else this one."""
+        return self.categories.get(category, self) if category is not None else self
 
     def with_margin(self, margin: float) -> Calibration:
         """This calibration with `margin` added to its threshold (none is added without a threshold)."""
-        if self.threshold is None or margin <= 0:
+        if margin <= 0:
             return self
+        categories = {c: own.with_margin(margin) for c, own in self.categories.items()}
+        if self.threshold is None:
+            return replace(self, categories=categories)
         raised = torch.tensor(self.threshold + margin, dtype=torch.float64)
         single = raised.float()  # a float32 value, as scores are, never below the sum
         if single.double() < raised:
             single = torch.nextafter(single, torch.tensor(math.inf))
-        return replace(self, threshold=float(single), margin=self.margin + margin)
+        return replace(self, threshold=float(single), margin=self.margin + margin, categories=categories)
 
     @property
     def short_of_normals(self) -> bool:
@@ -89,6 +102,8 @@ class Calibration:
             "score_range": [float(self.scores.min()), float(self.scores.max())] if self.scores.numel() else None,
             "source": "rank rule k = ceil((n + 1) q) over out-of-sample scores of normal images",
         }
+        if self.categories:
+            provenance["scope"] = f"class-agnostic: the normals of all {len(self.categories)} categories"
         if self.short_of_normals:
             provenance["normals_needed"] = normals_needed(self.quantile)
         if self.margin:
@@ -113,11 +128,13 @@ class Calibration:
     def state(self) -> dict[str, Any]:
         """Plain values for a checkpoint (no tensors but the scores)."""
         return {**{k: getattr(self, k) for k in ("threshold", "quantile", "method", "n", "rank", "margin")},
-                "false_alarm_bound": self.false_alarm_bound, "scores": self.scores.reshape(-1).cpu()}  # fmt: skip
+                "false_alarm_bound": self.false_alarm_bound, "scores": self.scores.reshape(-1).cpu(),
+                "categories": {c: own.state() for c, own in self.categories.items()}}  # fmt: skip
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Calibration:
-        return cls(**state)
+        categories = {c: cls.from_state(own) for c, own in state.get("categories", {}).items()}
+        return cls(**{**state, "categories": categories})
 
 
 def conformal_threshold(scores: Tensor, quantile: float, method: str = "given") -> Calibration:
@@ -157,7 +174,14 @@ class ThresholdCalibrator(Metric):
         )
         self.records.append(rows.reshape(-1, 3))
 
-    def compute(self, train_method: str | None = None, split_method: str | None = None) -> Calibration:  # type: ignore[override]
+    def compute(  # type: ignore[override]
+        self,
+        train_method: str | None = None,
+        split_method: str | None = None,
+        categories: Mapping[int, Sequence[str]] | None = None,
+    ) -> Calibration:
+        """The threshold over every collected score. With `categories` (per source, the category of each index:
+        the splits of a unified run), each category also gets its own over its own scores, in `.categories`."""
         records = torch.cat(self.records) if isinstance(self.records, list) else self.records
         records = records.reshape(-1, 3).cpu()
         if len(records):  # one row per (source, index), in a fixed order
@@ -166,6 +190,15 @@ class ThresholdCalibrator(Metric):
             first = torch.ones_like(keys, dtype=torch.bool)
             first[1:] = keys[1:] != keys[:-1]
             records = records[order][first]
+        calibration = self._threshold(records, train_method, split_method)
+        if categories:
+            of_row = [categories[source][index] for source, index in records[:, :2].long().tolist()]
+            for name in dict.fromkeys(name for names in categories.values() for name in names):
+                own = torch.tensor([category == name for category in of_row], dtype=torch.bool)
+                calibration.categories[name] = self._threshold(records[own], train_method, split_method)
+        return calibration
+
+    def _threshold(self, records: Tensor, train_method: str | None, split_method: str | None) -> Calibration:
         sources = set(records[:, 0].long().tolist())
         names = [name for source, name in ((TRAIN, train_method), (SPLIT, split_method)) if source in sources]
         return conformal_threshold(records[:, 2], self.quantile, "+".join(n for n in names if n) or "none")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..metrics import resolve_quantile
-from ..metrics.calibration import SPLIT, TRAIN, Calibration, ThresholdCalibrator
+from ..metrics.calibration import SOURCE_SPLITS, SPLIT, TRAIN, Calibration, ThresholdCalibrator
 from ..metrics.evaluation import TestResult, evaluate_test
 from ..runtime.decision import flagged
 from ..utils.distributed import gather_by_index
@@ -125,7 +125,7 @@ class AnomalyModule(pl.LightningModule):
         datamodule = self._trainer.datamodule if self._trainer is not None else None
         checkpoint["classes"] = {  # what `lit-anomaly predict --ckpt_path` builds when not told
             "model": class_path(type(self)),
-            "data": class_path(type(datamodule)) if datamodule is not None else None,
+            "data": class_path(getattr(datamodule, "family", type(datamodule))) if datamodule is not None else None,
         }
         # LightningCLI reads a checkpoint's arguments as those of the class named here, as it records for a
         # detector it built: a detector built in Python then loads in `predict` as one built by the CLI
@@ -160,6 +160,16 @@ class AnomalyModule(pl.LightningModule):
     @property
     def threshold_provenance(self) -> dict[str, Any] | None:
         return self.calibration.provenance() if self.calibration is not None else None
+
+    def threshold_for(self, category: str | None) -> float | None:
+        """The threshold that decides for `category`: its own if the detector was fitted on several categories
+        (a unified run) and holds one for it, else the class-agnostic one."""
+        own = self.calibration.categories.get(category) if self.calibration is not None and category else None
+        return own.threshold if own is not None else self.calibrated_threshold
+
+    def _decision_threshold(self) -> float | None:
+        """The threshold for the category of the data being tested or predicted (`--data.category`)."""
+        return self.threshold_for(getattr(self.trainer.datamodule, "category", None))
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and not self.trains_with_gradients:
@@ -272,8 +282,13 @@ class AnomalyModule(pl.LightningModule):
 
     def _calibrate(self, train_method: str | None) -> None:
         """Turn the collected out-of-sample scores into `self.calibration` and the threshold buffer."""
-        split_method = getattr(self.trainer.datamodule, "calibration_source", None) or "hold-out"
-        calibration = self.calibrator.compute(train_method, split_method).with_margin(self.threshold_margin())
+        datamodule = self.trainer.datamodule
+        split_method = getattr(datamodule, "calibration_source", None) or "hold-out"
+        categories = None
+        if hasattr(datamodule, "sample_categories"):  # a unified run: each category also calibrates on its own
+            categories = {source: datamodule.sample_categories(split) for source, split in SOURCE_SPLITS.items()}
+        calibration = self.calibrator.compute(train_method, split_method, categories)
+        calibration = calibration.with_margin(self.threshold_margin())
         calibration.seconds = self._calibration_seconds
         self.calibration = calibration
         self.threshold.fill_(math.nan if calibration.threshold is None else calibration.threshold)
@@ -337,7 +352,7 @@ class AnomalyModule(pl.LightningModule):
         )
         outputs = dict(zip(keys, (v.cpu() for v in values), strict=True), index=index.cpu())
         self._test = []
-        result = evaluate_test(outputs, self.calibrated_threshold, self.aupro_fpr_limit)
+        result = evaluate_test(outputs, self._decision_threshold(), self.aupro_fpr_limit)
         logged = {f"test/{k}": v for k, v in result.metrics.items() if v is not None}
         if result.threshold is not None:
             logged["test/threshold"] = result.threshold
@@ -348,7 +363,7 @@ class AnomalyModule(pl.LightningModule):
     # ---- predict ----------------------------------------------------------------------------
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """Scores of the readable images; unreadable ones pass through under `failed`."""
-        threshold = self.calibrated_threshold
+        threshold = self._decision_threshold()
         if "image" not in batch:  # every file of the batch failed to decode
             return {"path": [], "failed": batch["failed"], "threshold": threshold}
         output = self.score(batch["image"])

@@ -10,9 +10,11 @@ from typing import Any
 
 from ..callbacks import result_collector
 from ..data import AnomalyDataModule, DatasetError
+from ..metrics.calibration import Calibration
 from ..metrics.evaluation import TestResult, extra_metrics
+from ..models import AnomalyModule
 from ..reporting.hard_cases import hard_case_overlays
-from .specs import data_spec, model_spec
+from .specs import Spec, data_spec, model_spec
 from .trainer import finish_fit, hold_out, make_trainer, warn
 
 
@@ -71,32 +73,61 @@ def _spro_defects(datamodule: AnomalyDataModule, result: TestResult) -> Mapping 
         return str(error)
 
 
-def run_benchmark_category(
+@dataclass
+class Fitted:
+    """A fitted, calibrated detector and what its fit cost."""
+
+    detector: AnomalyModule
+    calibration: Calibration
+    fit_s: float | None
+    calibrate_s: float | None
+    train_batches: tuple[float, int] = (0, 0)  # (batches fit on a rank, batches in the train split)
+
+
+def category_datamodule(model: Spec, data: Spec, category: str) -> AnomalyDataModule:
+    """A fresh datamodule of `category`, holding out what `model` calibrates on (`hold_out`)."""
+    return data.build(category=category, **hold_out(model.cls, data.init_args))
+
+
+def fit_detector(
     model: Any,
-    data: Any,
-    category: str,
+    datamodule: AnomalyDataModule,
+    name: str,
     trainer: Mapping[str, Any] | None = None,
-    run_dir: str | Path | None = None,
-    checkpoint: str | Path | None = None,
-    hard_cases: int = 0,
-) -> CategoryOutcome:
-    """Fit, calibrate and test one category; with `checkpoint`, the fitted and calibrated detector is saved
-    there before testing, and with `hard_cases`, overlays of that many hardest cases per kind are made."""
-    run_dir = Path(run_dir) if run_dir is not None else None
-    model, data = model_spec(model), data_spec(data)
-    datamodule = data.build(category=category, **hold_out(model.cls, data.init_args))
+    run_dir: Path | None = None,
+    checkpoint: Path | None = None,
+) -> Fitted:
+    """Fit and calibrate a fresh detector on `datamodule` (logged under `name`); with `checkpoint`, the fitted and
+    calibrated detector is saved there."""
     datamodule.setup()
-    detector = model.build()
-    lightning = make_trainer(trainer, run_dir, category, detector)
+    detector = model_spec(model).build()
+    lightning = make_trainer(trainer, run_dir, name, detector)
     started = time.perf_counter()
     lightning.fit(detector, datamodule=datamodule)
     train_batches = lightning.num_training_batches, len(lightning.train_dataloader or ())
-    calibration = finish_fit(lightning, detector, datamodule, Path(checkpoint) if checkpoint else None)
-    fitted = time.perf_counter()
-    lightning.test(detector, datamodule=datamodule, verbose=False)
+    calibration = finish_fit(lightning, detector, datamodule, checkpoint)
+    seconds = time.perf_counter() - started
+    return Fitted(detector, calibration, seconds - calibration.seconds, calibration.seconds, train_batches)
+
+
+def test_category(
+    fitted: Fitted,
+    datamodule: AnomalyDataModule,
+    category: str,
+    trainer: Mapping[str, Any] | None = None,
+    run_dir: Path | None = None,
+    hard_cases: int = 0,
+) -> CategoryOutcome:
+    """Test a fitted detector on one category with the threshold that decides for it, and hand back the
+    category's report, records and files; with `hard_cases`, overlays of that many hardest cases per kind."""
+    datamodule.setup()
+    calibration = fitted.calibration.for_category(category)
+    lightning = make_trainer(trainer, run_dir, category, fitted.detector)
+    started = time.perf_counter()
+    lightning.test(fitted.detector, datamodule=datamodule, verbose=False)
     tested = time.perf_counter()
     result = result_collector(lightning).test_result
-    limits = _limits(*train_batches, len(result.label), len(datamodule.samples("test")))
+    limits = _limits(*fitted.train_batches, len(result.label), len(datamodule.samples("test")))
     warn([calibration.shortfall_message(), *datamodule.data_notes.values(), *limits.values(),
           result.notes.get("masks_empty")], category)  # fmt: skip
     records = per_image_records(datamodule, result, category)
@@ -127,14 +158,28 @@ def run_benchmark_category(
             "test": len(result.label),  # what the metrics are over
             "test_anomalous": int(result.label.sum()),
         },
-        "timing": {
-            "fit_s": fitted - started - calibration.seconds,
-            "calibrate_s": calibration.seconds,
-            "test_s": tested - fitted,
-        },
+        "timing": {"fit_s": fitted.fit_s, "calibrate_s": fitted.calibrate_s, "test_s": tested - started},
         "hardware": {"device": str(lightning.strategy.root_device), "world_size": lightning.world_size},
     }
     return CategoryOutcome(report, records, artifacts)
+
+
+def run_benchmark_category(
+    model: Any,
+    data: Any,
+    category: str,
+    trainer: Mapping[str, Any] | None = None,
+    run_dir: str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    hard_cases: int = 0,
+) -> CategoryOutcome:
+    """Fit, calibrate and test one category; with `checkpoint`, the fitted and calibrated detector is saved
+    there before testing, and with `hard_cases`, overlays of that many hardest cases per kind are made."""
+    run_dir = Path(run_dir) if run_dir is not None else None
+    model, data = model_spec(model), data_spec(data)
+    datamodule = category_datamodule(model, data, category)
+    fitted = fit_detector(model, datamodule, category, trainer, run_dir, Path(checkpoint) if checkpoint else None)
+    return test_category(fitted, datamodule, category, trainer, run_dir, hard_cases)
 
 
 def failed_category(category: str, error: BaseException) -> dict[str, Any]:

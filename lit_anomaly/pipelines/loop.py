@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -18,10 +18,11 @@ from ..reporting import RunFolder, build_report, environment
 from ..runtime.files import RunError, check_output_file
 from ..utils.distributed import process_rank
 from ..utils.process import quiet_lightning, stopping_on_signals
-from .category import CategoryOutcome, failed_category, run_benchmark_category
+from .category import CategoryOutcome, category_datamodule, failed_category, run_benchmark_category, test_category
 from .shared_logger import finalize, share
 from .specs import Spec, data_spec, model_spec
-from .trainer import hold_out, trainer_kwargs, unused_epochs_warning, warn
+from .trainer import trainer_kwargs, unused_epochs_warning, warn
+from .unified import UnifiedFit
 
 
 @dataclass
@@ -41,6 +42,9 @@ class RunConfig:
         html: write report.html, one self-contained page (no network needed) with the summary, curves,
             score histograms and hardest cases of every category.
         html_cases: hardest cases shown per category and kind (false alarms, missed defects) in report.html.
+        unified: fit one detector on the train normals of all the run's categories together, then test it on
+            each; each category gets its own threshold (on its own normals) and report.json also carries the
+            class-agnostic one. Saved as unified/detector.ckpt, so --run.resume tests on without refitting.
     """
 
     output_dir: str | None = None
@@ -53,6 +57,7 @@ class RunConfig:
     checkpoints: bool = False
     html: bool = True
     html_cases: int = 3
+    unified: bool = False
 
 
 def run_benchmark_all(
@@ -99,16 +104,30 @@ def run_benchmark_all(
     status = "failed"  # what a logger of the caller's is finalised with, unless the run ends
     try:
         per_category = folder.finished(categories) if run.resume else {}
+        trainer = {**trainer, "logger": share(trainer["logger"])} if trainer and trainer.get("logger") else trainer
+        earlier = (folder.read_report() or {}).get("unified") if run.resume else None
+        unified = UnifiedFit(model, data, categories, trainer, run_dir, earlier) if run.unified else None
 
         def report() -> dict[str, Any]:
             ordered = {c: per_category[c] for c in categories if c in per_category}
             wall = time.perf_counter() - started
-            return build_report(data.name, model.name, categories, ordered, run_dir, config, env, wall)
+            summary = unified.summary if unified else None
+            return build_report(data.name, model.name, categories, ordered, run_dir, config, env, wall, summary)
+
+        def run_category(category: str) -> CategoryOutcome:
+            cases = run.html_cases if run.html and run_dir else 0
+            if unified is None:
+                checkpoint = folder.category_dir(category) / "detector.ckpt" if run_dir and run.checkpoints else None
+                return run_benchmark_category(model, data, category, trainer, run_dir, checkpoint, cases)
+            fresh = not unified.ready
+            fitted = unified.fitted()
+            if fresh:  # the class-agnostic threshold is on disk even if the first test dies
+                folder.write_report(report(), None, None)
+            return test_category(fitted, category_datamodule(model, data, category), category, trainer, run_dir, cases)
 
         folder.write_report(report(), config_yaml, None)  # resumable even if the first category never finishes
-        trainer = {**trainer, "logger": share(trainer["logger"])} if trainer and trainer.get("logger") else trainer
         with stopping_on_signals() as stopped:
-            _run_categories(model, data, categories, trainer, run, folder, per_category, report, stopped)
+            _run_categories(categories, run, folder, per_category, report, stopped, run_category)
             final = report()
             folder.write_report(final, None, run.output, run.html)
         status = "success"
@@ -121,20 +140,17 @@ def run_benchmark_all(
 def _check_settings(model: Spec, data: Spec, category: str) -> None:
     """Settings that fail every category fail here, once, before any folder is made or anything is fitted:
     the datamodule's and detector's own checks, and whether the backbone takes the image size."""
-    datamodule = data.build(category=category, **hold_out(model.cls, data.init_args))
-    model.build().check_image_size(datamodule.image_size)
+    model.build().check_image_size(category_datamodule(model, data, category).image_size)
 
 
 def _run_categories(
-    model: Spec,
-    data: Spec,
     categories: Sequence[str],
-    trainer: Mapping[str, Any] | None,
     run: RunConfig,
     folder: RunFolder,
     per_category: dict[str, dict],
-    report: Any,
+    report: Callable[[], dict[str, Any]],
     stopped: list[int],
+    run_category: Callable[[str], CategoryOutcome],
 ) -> None:
     run_dir = folder.path if run.save else None
     console = Console(stderr=True)
@@ -152,9 +168,7 @@ def _run_categories(
                 continue
             progress.update(task, description=category)  # the count beside it says how many are done
             try:
-                checkpoint = folder.category_dir(category) / "detector.ckpt" if run_dir and run.checkpoints else None
-                cases = run.html_cases if run.html and run_dir else 0
-                outcome = run_benchmark_category(model, data, category, trainer, run_dir, checkpoint, cases)
+                outcome = run_category(category)
             except Exception as error:  # recorded, with its traceback for a bug report; the other categories still run
                 if stopped:  # a signal's exception, disguised by a C extension
                     raise

@@ -45,7 +45,8 @@ class Run:
     @property
     def label(self) -> str:
         backbone = ((self.report.get("config") or {}).get("model") or {}).get("init_args", {}).get("backbone")
-        return f"{self.name} ({self.report.get('model')}{f', {backbone}' if backbone else ''})"
+        unified = ", unified" if self.report.get("unified") else ""  # one detector for all categories
+        return f"{self.name} ({self.report.get('model')}{f', {backbone}' if backbone else ''}{unified})"
 
     def result(self, category: str) -> dict[str, Any]:
         return self.report["per_category"].get(category) or {}

@@ -97,6 +97,29 @@ def key_settings(report: Mapping) -> list[tuple[str, Any]]:
     return [(k, v) for k, v in settings if v is not None]
 
 
+def _promise(provenance: Mapping | None) -> str:
+    """A threshold's promise in one line: q, how its normals were scored, how many, the false-alarm share."""
+    bound = (provenance or {}).get("false_alarm_bound")
+    if bound is None:
+        return "none"
+    return (f"q {provenance.get('quantile')} · {provenance.get('method')} · n {provenance.get('n')} · "
+            f"≤ {100 * bound:.3g} % false alarms")  # fmt: skip
+
+
+def _unified(unified: Mapping | None) -> str:
+    """A unified run's line: one detector for every category, its shared fit and class-agnostic threshold."""
+    if not unified:
+        return ""
+    timing = unified.get("timing") or {}
+    fit = sum(v for v in (timing.get("fit_s"), timing.get("calibrate_s")) if v is not None) if timing else None
+    threshold, promise = unified.get("threshold"), escape(_promise(unified.get("threshold_provenance")))
+    return (
+        f"<p class='meta'>Unified: one detector fitted on the train normals of all {len(unified['categories'])} "
+        f"categories together (fit and calibration {number(fit, 1)} s); each category is decided at its own "
+        f"threshold. Class-agnostic threshold {number(threshold)} ({promise}), for images of any of them.</p>"
+    )
+
+
 class RunPage:
     """Builds report.html for one run folder; keeps each category's rendered section while its report is unchanged."""
 
@@ -154,16 +177,13 @@ class RunPage:
                 continue
             intervals = result.get("metric_intervals") or {}
             cells = [metric_cell(result["metrics"].get(k), intervals.get(k)) for k in shown]
-            provenance = result.get("threshold_provenance") or {}
-            promise = "none"
-            if provenance:
-                bound = provenance.get("false_alarm_bound")
-                promise = (f"q {provenance.get('quantile')} · {provenance.get('method')} · n {provenance.get('n')} · "
-                           f"≤ {100 * bound:.3g} % false alarms" if bound is not None else "none")  # fmt: skip
-            rows.append([link, *cells, f"<td style='text-align:left'>{escape(promise)}</td>"])
+            promise = escape(_promise(result.get("threshold_provenance")))
+            rows.append([link, *cells, f"<td style='text-align:left'>{promise}</td>"])
         by_category = table(["category", *shown, "threshold's promise"], rows)
+        unified = _unified(report.get("unified"))
         return (
-            f"<section id='summary'><h2>Summary</h2>{overall}<h3>Categories</h3><div class='scroll'>{by_category}</div>"
+            f"<section id='summary'><h2>Summary</h2>{unified}{overall}<h3>Categories</h3>"
+            f"<div class='scroll'>{by_category}</div>"
             "<p class='legend'>Brackets: 95 % bootstrap interval (normal and anomalous test images resampled "
             "separately). Promise: quantile q, how the calibration normals were scored, how many, and the "
             "share of good parts the threshold flags at most, on average.</p></section>"

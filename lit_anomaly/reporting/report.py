@@ -80,9 +80,11 @@ def build_report(
     config: dict,
     env: dict,
     wall_s: float | None = None,
+    unified: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """report.json; `unified` is a unified run's section (its categories, class-agnostic threshold, shared fit)."""
     means, stds = aggregate(per_category)
-    return {
+    report = {
         "schema_version": SCHEMA_VERSION,
         "lit_anomaly_version": __version__,
         "timestamp_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -97,3 +99,6 @@ def build_report(
         "config": config,
         "environment": env,
     }
+    if unified is not None:
+        report["unified"] = unified
+    return report

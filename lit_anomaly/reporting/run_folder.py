@@ -33,12 +33,13 @@ def default_run_dir(parent: Path, dataset: str, model: str, create: bool) -> Pat
     raise RunError(f"--run.parent_dir {parent}: too many runs named {stem}")
 
 
-# Config keys that do not change results: a resumed run may differ in these.
+# Config keys that do not change results: a resumed run may differ in these (but for RESULT_CHANGING_RUN_KEYS).
 RESUMABLE_DIFFERENCES = (
     "run.", "data.init_args.category", "data.init_args.num_workers", "data.init_args.eval_batch_size",
     "data.init_args.predict_dir", "trainer.devices", "trainer.strategy", "trainer.num_nodes",
     "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.default_root_dir",
 )  # fmt: skip
+RESULT_CHANGING_RUN_KEYS = ("run.unified",)
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
@@ -54,7 +55,7 @@ def config_differences(old: dict, new: dict) -> list[str]:
     """Keys whose values differ between two run configs, ignoring those that do not change results."""
     a, b = flatten(old), flatten(new)
     keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    return [k for k in keys if not k.startswith(RESUMABLE_DIFFERENCES)]
+    return [k for k in keys if k in RESULT_CHANGING_RUN_KEYS or not k.startswith(RESUMABLE_DIFFERENCES)]
 
 
 LOCK_NAME = ".lock"

@@ -48,6 +48,16 @@ class Bundle:
     def threshold(self) -> float | None:
         return self.metadata["threshold"]["value"]
 
+    def threshold_for(self, category: str | None) -> float | None:
+        """The threshold deciding for `category`: its own in a unified detector's bundle, else the bundle's one."""
+        own = self.metadata["threshold"].get("by_category") or {}
+        if category is None:
+            return self.threshold
+        if category not in own:
+            known = f"one of {', '.join(own)}" if own else "none: the detector was fitted on one category"
+            raise BundleError(f"--category {category}: the bundle in {self.path} has no threshold for it ({known})")
+        return own[category]["value"]
+
 
 def load_bundle(path: str | Path) -> Bundle:
     """The bundle in `path`, refused in one line when its folder, metadata or any model file is missing, its

@@ -40,6 +40,10 @@ def parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--batch-size", "--batch_size", type=int, default=8, help="images per engine call")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads of the engine")
+    parser.add_argument(
+        "--category", default=None,
+        help="decide with this category's own threshold (a detector fitted on several categories at once)",
+    )  # fmt: skip
     return parser
 
 
@@ -51,13 +55,13 @@ def run(args: argparse.Namespace) -> int:
         raise RunError(f"--input {folder} does not exist or is not a folder")
     if holds_anything(output):
         raise RunError(f"--output {output} is not empty (an earlier run's results?); move it away or write elsewhere")
-    inferencer = Inferencer(args.bundle, args.threads)
+    inferencer = Inferencer(args.bundle, args.threads, args.category)
     images = images_below(folder)
     if not images:
         raise RunError(f"--input {folder} holds no images")
     data = inferencer.bundle.metadata.get("data") or {}
     category, split = (
-        sanitize(str(data.get("category") or "custom")),
+        sanitize(str(args.category or data.get("category") or "custom")),
         sanitize(str(data.get("predict_split") or "predict")),
     )
     names, threshold, save_maps = output_names(images), inferencer.threshold, args.save_maps == "true"

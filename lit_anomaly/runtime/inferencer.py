@@ -35,13 +35,15 @@ class Inferencer:
     Args:
         bundle: the bundle folder (model files and metadata.json).
         threads: intra-op threads of the engine (default: the engine's own choice).
+        category: decide with this category's own threshold (a detector fitted on several categories at once);
+            default: the bundle's threshold, class-agnostic for such a detector.
     """
 
-    def __init__(self, bundle: str | Path | Bundle, threads: int | None = None) -> None:
+    def __init__(self, bundle: str | Path | Bundle, threads: int | None = None, category: str | None = None) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        self.threshold = self.bundle.threshold_for(category)
         self.engine = open_engine(self.bundle, threads)
         self.image_size = self.bundle.image_size
-        self.threshold = self.bundle.threshold
         self.max_pixels = int(self.bundle.metadata["input"].get("max_image_pixels") or DEFAULT_MAX_IMAGE_PIXELS)
 
     def load(self, image: ImageInput, name: str = "image") -> tuple[np.ndarray, tuple[int, int]]:

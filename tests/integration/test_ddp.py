@@ -65,8 +65,13 @@ HIGH_RESOLUTION += ["--model.score_top_k", "3", "--model.pixel_eval_size", "32"]
 
 @pytest.mark.parametrize(
     ("model", "category", "flags"),
-    [("PatchCore", "all", []), ("PaDiM", "carpet", []), ("PatchCore", "carpet", HIGH_RESOLUTION)],
-    ids=["PatchCore", "PaDiM", "PatchCore-high-resolution"],
+    [
+        ("PatchCore", "all", []),
+        ("PaDiM", "carpet", []),
+        ("PatchCore", "carpet", HIGH_RESOLUTION),
+        ("PatchCore", "all", ["--run.unified", "true"]),
+    ],
+    ids=["PatchCore", "PaDiM", "PatchCore-high-resolution", "PatchCore-unified"],
 )
 def test_two_process_ddp_matches_one_device(ddp_root, tmp_path, model, category, flags):
     cli = [sys.executable, "-m", "lit_anomaly"]
@@ -76,6 +81,8 @@ def test_two_process_ddp_matches_one_device(ddp_root, tmp_path, model, category,
     distributed = run([*cli, *fit_test_args(ddp_root, model, tmp_path / "ddp", *args, *ddp)])
     assert_same(single, distributed, tmp_path / "one", tmp_path / "ddp")
     assert {r["hardware"]["world_size"] for r in distributed["per_category"].values()} == {2}
+    if "unified" in single:  # the class-agnostic threshold too
+        assert single["unified"]["threshold_provenance"] == distributed["unified"]["threshold_provenance"]
 
 
 @pytest.mark.parametrize(

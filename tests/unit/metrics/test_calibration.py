@@ -77,6 +77,23 @@ def test_calibrator_drops_repeats_and_names_its_sources():
     assert calibration.threshold == 3.0  # k = ceil(6 * 0.5) = 3
 
 
+def test_each_category_of_a_unified_fit_gets_the_rank_rule_over_its_own_scores():
+    calibrator = ThresholdCalibrator(0.5)
+    calibrator.update(torch.tensor([1.0, 2.0, 5.0, 6.0]), torch.tensor([0, 1, 2, 3]), TRAIN)
+    calibrator.update(torch.tensor([6.0]), torch.tensor([3]), TRAIN)  # a padded repeat, dropped as always
+    calibrator.update(torch.tensor([3.0, 7.0]), torch.tensor([0, 1]), SPLIT)
+    categories = {TRAIN: ["a", "a", "b", "b"], SPLIT: ["a", "b"]}
+    calibration = calibrator.compute("leave-one-out", "hold-out", categories).with_margin(0.25)
+    assert calibration.scores.tolist() == [1.0, 2.0, 3.0, 5.0, 6.0, 7.0] and calibration.threshold == 5.25
+    a, b = calibration.categories["a"], calibration.categories["b"]
+    assert a.scores.tolist() == [1.0, 2.0, 3.0] and a.threshold == 2.25 and a.method == "leave-one-out+hold-out"
+    assert b.scores.tolist() == [5.0, 6.0, 7.0] and b.threshold == 6.25 and b.margin == 0.25
+    assert calibration.for_category("b") is b and calibration.for_category("c") is calibration
+    assert "scope" in calibration.provenance() and "scope" not in a.provenance()
+    restored = Calibration.from_state(calibration.state())
+    assert restored.categories["b"].provenance() == b.provenance() and restored.threshold == calibration.threshold
+
+
 def test_one_calibration_normal_gives_a_threshold_and_its_provenance():
     """A 10% hold-out of 6-14 train images is one image; torchmetrics squeezes a one-element result to 0-d."""
     calibrator = ThresholdCalibrator(0.995)
