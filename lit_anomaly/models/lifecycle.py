@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from typing import Any, Protocol, runtime_checkable
@@ -296,6 +297,15 @@ class AnomalyModule(pl.LightningModule):
             self.log("threshold", calibration.threshold, sync_dist=True)
         for listener in self._listeners():
             listener.on_calibration(self.trainer, calibration)
+
+    def category_runs(self, train_indices: Tensor) -> list[int] | None:
+        """In a unified fit, the sizes of the consecutive runs of one category among these ascending train indices
+        (a memory bank keeps each category's share by choosing in blocks of one category); None otherwise."""
+        categories = getattr(self.trainer.datamodule, "sample_categories", None)
+        if categories is None:
+            return None
+        of = categories("train")
+        return [len(list(run)) for _, run in itertools.groupby(of[i] for i in train_indices.tolist())]
 
     def _listeners(self) -> list[ResultListener]:
         return [callback for callback in self.trainer.callbacks if isinstance(callback, ResultListener)]

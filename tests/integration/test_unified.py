@@ -9,8 +9,7 @@ from lit_anomaly.cli import main
 from lit_anomaly.metrics import conformal_threshold
 from lit_anomaly.models import PatchCore
 from lit_anomaly.pipelines import run_benchmark
-from lit_anomaly.reporting.compare import comparison
-from lit_anomaly.reporting.compare import Run as RunFolder
+from lit_anomaly.reporting.compare import Run, comparison
 from lit_anomaly.runtime.files import RunError
 
 CATEGORIES = ("carpet", "tile")
@@ -31,13 +30,10 @@ def runs(mvtec_root, tmp_path_factory):
     """A unified PatchCore run over carpet and tile, and the per-category run of the same settings."""
     base = tmp_path_factory.mktemp("unified")
     folders = {"unified": base / "unified", "separate": base / "separate"}
-    reports = {
-        name: run_benchmark(
-            PATCHCORE, data_args(mvtec_root), "all", {"accelerator": "cpu"},
-            {"output_dir": str(folder), "unified": name == "unified"},
-        )  # fmt: skip
-        for name, folder in folders.items()
-    }
+    reports = {}
+    for name, folder in folders.items():
+        run = {"output_dir": str(folder), "unified": name == "unified", "checkpoints": name == "separate"}
+        reports[name] = run_benchmark(PATCHCORE, data_args(mvtec_root), "all", {"accelerator": "cpu"}, run)
     return reports, folders
 
 
@@ -51,6 +47,11 @@ def test_one_detector_is_fitted_on_the_union_and_each_category_decides_at_its_ow
     detector = PatchCore.load_from_checkpoint(folder / "unified" / "detector.ckpt")
     calibration = detector.calibration
     assert unified["threshold"] == detector.calibrated_threshold == calibration.threshold
+    # each category chosen in blocks of its own: the one bank is the union of the banks fitted one by one
+    separate = [
+        PatchCore.load_from_checkpoint(folders["separate"] / "categories" / c / "detector.ckpt") for c in CATEGORIES
+    ]
+    assert torch.equal(detector.model.memory_bank, torch.cat([d.model.memory_bank for d in separate]))
     # every train normal scored out of sample once: the class-agnostic scores are the categories' together
     together = torch.cat([calibration.categories[c].scores for c in CATEGORIES]).sort().values
     assert torch.equal(together, calibration.scores)
@@ -91,7 +92,7 @@ def test_predict_on_a_dataset_tree_names_one_category(runs, capsys):
 
 def test_compare_pairs_a_unified_run_with_separate_runs_per_category(runs):
     _, folders = runs
-    result = comparison([RunFolder.load(folders["separate"]), RunFolder.load(folders["unified"])])
+    result = comparison([Run.load(folders["separate"]), Run.load(folders["unified"])])
     assert result["categories"] == list(CATEGORIES) and result["runs"][1]["label"].endswith(", unified)")
     for category in CATEGORIES:
         first, test = result["paired_image_auroc"][category]
@@ -99,7 +100,7 @@ def test_compare_pairs_a_unified_run_with_separate_runs_per_category(runs):
 
 
 def test_a_unified_run_killed_while_testing_resumes_without_fitting_again(runs, mvtec_root, tmp_path, monkeypatch):
-    reports, folders = runs
+    reports, _ = runs
     folder = tmp_path / "run"
     run_benchmark(PATCHCORE, data_args(mvtec_root), "all", {"accelerator": "cpu"}, {"output_dir": str(folder),
                   "unified": True})  # fmt: skip
@@ -119,7 +120,7 @@ def test_a_unified_run_killed_while_testing_resumes_without_fitting_again(runs, 
     first = reports["unified"]["per_category"]["tile"]
     assert resumed["per_category"]["tile"]["metrics"] == pytest.approx(first["metrics"])
     assert resumed["per_category"]["tile"]["threshold"] == first["threshold"]
-    with pytest.raises(RunError, match="fitted on carpet,tile: resume it with --data.category carpet,tile"):
+    with pytest.raises(RunError, match=r"fitted on carpet,tile: resume it with --data\.category carpet,tile"):
         (folder / "categories" / "tile" / "report.json").unlink()
         run_benchmark(PATCHCORE, data_args(mvtec_root), "tile", {"accelerator": "cpu"}, {"resume": str(folder),
                       "unified": True})  # fmt: skip
@@ -155,5 +156,17 @@ def test_an_exported_unified_detector_carries_every_categorys_threshold(runs, tm
     for category in CATEGORIES:
         own = reports["unified"]["per_category"][category]["threshold"]
         assert Inferencer(tmp_path / "bundle", category=category).threshold == own
-    with pytest.raises(BundleError, match="--category bottle: the bundle .* has no threshold for it"):
+    with pytest.raises(BundleError, match=r"--category bottle: the bundle .* has no threshold for it"):
         Inferencer(tmp_path / "bundle", category="bottle")
+
+
+@pytest.mark.parametrize("calibration", ["leave-one-out", "k-fold:3"])
+def test_each_category_scores_its_own_share_of_calibration_images(mvtec_root, calibration):
+    """`calibration_max_images` of the union left one category 13 of the 200 scored normals in 15."""
+    arguments = {"backbone": "efficientnet_lite0", "calibration_max_images": 10, "calibration": calibration}
+    model = {"class_path": "PatchCore", "init_args": arguments}
+    report = run_benchmark(
+        model, data_args(mvtec_root), "all", {"accelerator": "cpu"}, {"save": False, "unified": True}
+    )
+    assert report["unified"]["threshold_provenance"]["n"] == 20
+    assert [report["per_category"][c]["threshold_provenance"]["n"] for c in CATEGORIES] == [10, 10]

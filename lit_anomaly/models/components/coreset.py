@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -19,17 +20,26 @@ def random_projection(features: Tensor, dim: int | None, seed: int = 0, chunk: i
     return torch.cat([features[i : i + chunk].float() @ matrix for i in range(0, len(features), chunk)])
 
 
-def image_blocks(n_images: int, rows_per_image: int, block_rows: int | None) -> list[range]:
+def image_blocks(
+    n_images: int, rows_per_image: int, block_rows: int | None, groups: Sequence[int] | None = None
+) -> list[range]:
     """Consecutive groups of whole images, of near-equal size and at most `block_rows` patch rows each (never
-    less than one image); one group when `block_rows` is None.
+    less than one image); one group when `block_rows` is None. With `groups` (the sizes of consecutive runs of
+    images that belong together, such as a unified fit's categories), no block spans two of them.
 
     Greedy k-center costs rows x centres, so over one block per group a coreset of a fixed ratio costs time
     linear in the train set instead of quadratic; a group is also what a leave-one-out refit has to redo.
     """
-    per_block = n_images if block_rows is None else max(1, block_rows // max(1, rows_per_image))
-    count = max(1, math.ceil(n_images / max(1, per_block)))
-    bounds = [i * n_images // count for i in range(count + 1)]
-    return [range(start, stop) for start, stop in itertools.pairwise(bounds)]
+    if groups is not None and sum(groups) != n_images:
+        raise ValueError(f"groups of {sum(groups)} images for {n_images} images")
+    blocks, start = [], 0
+    for size in groups or [n_images]:
+        per_block = size if block_rows is None else max(1, block_rows // max(1, rows_per_image))
+        count = max(1, math.ceil(size / max(1, per_block)))
+        bounds = [start + i * size // count for i in range(count + 1)]
+        blocks += [range(first, stop) for first, stop in itertools.pairwise(bounds)]
+        start += size
+    return blocks
 
 
 def greedy_coreset(features: Tensor, n_select: int, projection_dim: int | None = 128, seed: int = 0) -> Tensor:

@@ -40,8 +40,9 @@ class PatchCore(AnomalyModule):
         calibration: how train normals are scored for the threshold: leave-one-out (default), k-fold:K
             (K >= 2 refits), or none (only held-out or validation normals calibrate).
         calibration_max_images: score at most this many train images out of sample (a seeded random
-            subset, the same on every rank); each costs up to about what testing an image costs. 200 are enough for
-            the default q = 0.995 (it needs 199); null scores every train image.
+            subset, the same on every rank; in a unified run, this many of each category); each costs up to about
+            what testing an image costs. 200 are enough for the default q = 0.995 (it needs 199); null scores
+            every train image.
         pixel_eval_size: compute pixel metrics at this square size in px (default: the input size).
         aupro_fpr_limit: false-positive-rate limit of AUPRO, in (0, 1]; MVTec's 0.3 by default.
         bank_size: at most this many memory-bank rows, however many patches the train images have (null: only
@@ -120,11 +121,11 @@ class PatchCore(AnomalyModule):
 
     def finish_fit(self) -> None:
         features = torch.cat(self._features)  # (N, h, w, D)
-        _, features = gather_by_index(self, torch.cat(self._indices), features)
+        indices, features = gather_by_index(self, torch.cat(self._indices), features)
         rounding = torch.stack(self._rounding).max() if self._rounding else features.new_zeros((), dtype=torch.float32)
         self._margin = float(self.all_gather(rounding).max()) if self.trainer.world_size > 1 else float(rounding)
         self._features, self._indices, self._rounding = [], [], []
-        chosen = self.model.fit(features)
+        chosen = self.model.fit(features, self.category_runs(indices))
         if self.train_scoring != "none":  # kept for out_of_sample_scores, then dropped
             self._fit_features, self._bank_owner = features, chosen // (features.shape[1] * features.shape[2])
 
@@ -156,11 +157,18 @@ class PatchCore(AnomalyModule):
 
     def scored_images(self, n: int) -> Tensor:
         """The train images calibration scores out of sample: all, or `calibration_max_images` of them drawn
-        with the detector's seed (ascending)."""
-        if self.calibration_max_images is None or n <= self.calibration_max_images:
-            return torch.arange(n)
-        generator = torch.Generator().manual_seed(self.model.seed)
-        return torch.randperm(n, generator=generator)[: self.calibration_max_images].sort().values
+        with the detector's seed (ascending); in a unified fit, that many of each category, as each calibrates
+        a threshold of its own."""
+        chosen, start = [], 0
+        for size in self.model.groups or [n]:
+            if self.calibration_max_images is None or size <= self.calibration_max_images:
+                chosen.append(torch.arange(start, start + size))
+            else:
+                generator = torch.Generator().manual_seed(self.model.seed)
+                drawn = torch.randperm(size, generator=generator)[: self.calibration_max_images]
+                chosen.append(drawn.sort().values + start)
+            start += size
+        return torch.cat(chosen)
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         return self.model(images)

@@ -73,6 +73,7 @@ class PatchCoreModel(nn.Module):
         self.score_top_k = score_top_k
         self.coreset_ratio = coreset_ratio
         self.coreset_block_size = coreset_block_size
+        self.groups: list[int] | None = None  # a unified fit's categories, while fitting (`fit`)
         self.projection_dim = projection_dim
         self.num_neighbors = num_neighbors
         self.reweight = reweight
@@ -95,17 +96,23 @@ class PatchCoreModel(nn.Module):
     def flatten(embedding: Tensor) -> Tensor:
         return embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1])
 
-    def fit(self, features: Tensor) -> Tensor:
-        """Build the memory bank from the training patch features (N, h, w, D); returns the chosen rows."""
-        chosen = self.select(features).sort().values  # rows of one image lie together: see leave_one_out_scores
+    def fit(self, features: Tensor, groups: Sequence[int] | None = None) -> Tensor:
+        """Build the memory bank from the training patch features (N, h, w, D); returns the chosen rows. `groups`:
+        the sizes of consecutive runs of images of one category (a unified fit), each chosen in blocks of its own,
+        so that each category keeps its share of the bank as if fitted alone."""
+        self.groups = list(groups) if groups is not None else None
+        # sorted, the rows of one image lie together: see leave_one_out_scores
+        chosen = self.select(features, self.groups).sort().values
         self.memory_bank = features.flatten(0, 2).index_select(0, chosen).float().contiguous()
         return chosen
 
-    def blocks(self, features: Tensor) -> list[range]:
-        """The groups of images of (N, h, w, D) `features` that the coreset is chosen in, one at a time."""
-        return image_blocks(len(features), features.shape[1] * features.shape[2], self.coreset_block_size)
+    def blocks(self, features: Tensor, groups: Sequence[int] | None = None) -> list[range]:
+        """The groups of images of (N, h, w, D) `features` that the coreset is chosen in, one at a time; none spans
+        two of `groups` (sizes of consecutive runs of images of one category)."""
+        rows_per_image = features.shape[1] * features.shape[2]
+        return image_blocks(len(features), rows_per_image, self.coreset_block_size, groups)
 
-    def select(self, features: Tensor) -> Tensor:
+    def select(self, features: Tensor, groups: Sequence[int] | None = None) -> Tensor:
         """Rows of the flattened (N, h, w, D) `features` that the memory bank keeps: the union of a greedy
         coreset of each block of images, each its share of `coreset_ratio` of all rows or of `bank_size`, whichever
         is fewer; all rows at ratio 1 and no bank_size."""
@@ -114,7 +121,7 @@ class PatchCoreModel(nn.Module):
         if share >= 1.0:
             return torch.arange(len(patches), device=patches.device)
         per_image, chosen = features.shape[1] * features.shape[2], []
-        for block in self.blocks(features):
+        for block in self.blocks(features, groups):
             rows = patches[block.start * per_image : block.stop * per_image]
             n_select = max(1, round(share * len(rows)))
             chosen.append(greedy_coreset(rows, n_select, self.projection_dim, self.seed) + block.start * per_image)
@@ -179,7 +186,7 @@ class PatchCoreModel(nn.Module):
         winners, refills = [], []
         for image in images.tolist():
             if cover is None or image not in cover.images:
-                block = next(b for b in self.blocks(features) if image in b)
+                block = next(b for b in self.blocks(features, self.groups) if image in b)
                 cover = self._block_cover(patches, bank_owner, bank_norms, block, per_image)
             orphans = torch.nonzero((cover.nearest_owner == image) & (cover.image_of != image)).squeeze(1)
             candidates = cover.patches.index_select(0, orphans).float()
@@ -260,8 +267,13 @@ class PatchCoreModel(nn.Module):
             return features.new_empty(0, dtype=torch.float32)
         patches = features.shape[1] * features.shape[2]
         inside = images
-        outside = features[folds != fold]
-        bank = outside.flatten(0, 2).index_select(0, self.select(outside)).float()
+        kept = folds != fold
+        outside = features[kept]
+        groups = None
+        if self.groups is not None:  # each category's images outside the fold, still chosen in blocks of their own
+            group_of = torch.repeat_interleave(torch.arange(len(self.groups)), torch.tensor(self.groups))
+            groups = [n for n in torch.bincount(group_of[kept.cpu()], minlength=len(self.groups)).tolist() if n]
+        bank = outside.flatten(0, 2).index_select(0, self.select(outside, groups)).float()
         scores = []
         for start in range(0, len(inside), chunk):
             queries = features.index_select(0, inside[start : start + chunk]).flatten(1, 2).float()

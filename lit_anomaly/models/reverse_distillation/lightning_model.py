@@ -14,7 +14,10 @@ from .torch_model import ReverseDistillationModel
 
 class ReverseDistillation(TrainedAnomalyModule):
     """Reverse Distillation (Deng & Li, CVPR 2022): a decoder reconstructs a frozen encoder's features from a
-    one-class bottleneck; anomalies are where the reconstruction fails.
+    one-class bottleneck; anomalies are where the reconstruction fails. The bottleneck (multi-scale fusion, then
+    three residual blocks) and the decoder (the encoder reversed, residual block for residual block, upsampling
+    by transposed convolutions) are the paper's; for backbones that are not ResNets they are built of basic
+    residual blocks at the encoder's channels (`torch_model.stage_shapes`).
 
     Args:
         backbone: the encoder, a timm features_only model (wide_resnet50_2 as in the paper, resnet18,
@@ -48,6 +51,14 @@ class ReverseDistillation(TrainedAnomalyModule):
         super().__init__(calibration_quantile, contamination, pixel_eval_size, aupro_fpr_limit)
         self.save_hyperparameters()
         self.model = ReverseDistillationModel(backbone, layers, pretrained, weights_path, blur_sigma)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "model.bottleneck.fuse.0.weight" in checkpoint["state_dict"]:  # 0.2's plain convolution stack
+            raise ValueError(
+                "this Reverse Distillation checkpoint holds lit-anomaly 0.2's plain decoder; 0.3 mirrors the encoder "
+                "with residual blocks as the paper does: fit it again"
+            )
+        super().on_load_checkpoint(checkpoint)
 
     def configure_optimizers(self) -> Any:
         trainable = [*self.model.bottleneck.parameters(), *self.model.decoder.parameters()]

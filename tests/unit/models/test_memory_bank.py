@@ -316,6 +316,15 @@ def test_image_blocks_cover_every_image_once_in_near_equal_groups():
     assert image_blocks(0, 100, 350) == [range(0, 0)]
 
 
+def test_image_blocks_of_a_unified_fit_never_span_two_categories():
+    """Blocks of 3 images over categories of 4 and 5: each category is chosen in its own blocks, so it keeps
+    the share of the bank it has when fitted alone (a block spanning two gave the more varied one more rows)."""
+    assert image_blocks(9, 100, 350, groups=[4, 5]) == [range(0, 2), range(2, 4), range(4, 6), range(6, 9)]
+    assert image_blocks(9, 100, None, groups=[4, 5]) == [range(0, 4), range(4, 9)]
+    with pytest.raises(ValueError, match="groups of 8 images for 9 images"):
+        image_blocks(9, 100, 350, groups=[4, 4])
+
+
 def test_nearest_neighbors_match_cdist():
     generator = torch.Generator().manual_seed(0)
     queries, bank = torch.randn(300, 24, generator=generator), torch.randn(90, 24, generator=generator)

@@ -97,6 +97,30 @@ def test_non_finite_scores_are_an_error_not_a_silent_auroc_of_one_half(trained_r
         lightning.validate(model, datamodule=datamodule(trained_root), verbose=False)
 
 
+def test_reverse_distillation_mirrors_the_encoder_as_the_paper_does():
+    from lit_anomaly.models.reverse_distillation.torch_model import ResidualBlock, ReverseDistillationModel
+
+    model = ReverseDistillationModel("wide_resnet50_2", pretrained=False)
+    embed = model.bottleneck.embed  # the one-class embedding: three bottlenecks to 2048 channels, stride 2
+    assert len(embed) == 3 and all(isinstance(b, ResidualBlock) for b in embed)
+    assert embed[0].body[0].in_channels == 3 * 1024 and embed[-1].body[-2].out_channels == 2048
+    # de_wide_resnet50_2: 3, 4 and 6 bottlenecks of widths 512, 256, 128 back to 1024, 512, 256 channels
+    assert [len(stage) for stage in model.decoder.stages] == [3, 4, 6]
+    assert [stage[0].body[3].in_channels for stage in model.decoder.stages] == [512, 256, 128]
+    assert all(isinstance(stage[0].body[3], torch.nn.ConvTranspose2d) for stage in model.decoder.stages)
+    encoded = [torch.rand(1, c, 64 // s * 4, 64 // s * 4) for c, s in zip((256, 512, 1024), (4, 8, 16), strict=True)]
+    with torch.no_grad():
+        decoded = model.decoder(model.bottleneck(encoded))
+    assert [d.shape for d in decoded] == [e.shape for e in encoded]
+
+
+def test_a_reverse_distillation_checkpoint_of_the_plain_decoder_is_refused_in_one_line():
+    model = ReverseDistillation(backbone="efficientnet_lite0", pretrained=False, layers=(1, 2, 3))
+    old = {"state_dict": {"model.bottleneck.fuse.0.weight": torch.zeros(1)}}
+    with pytest.raises(ValueError, match=r"plain decoder.*fit it again"):
+        model.on_load_checkpoint(old)
+
+
 def test_reverse_distillation_refuses_stages_that_do_not_fit():
     assert stride_steps([4, 8, 16]) == [0, 1, 2]
     with pytest.raises(BackboneError, match="powers of two"):
