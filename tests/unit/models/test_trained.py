@@ -46,22 +46,23 @@ def fit_calibrate_test(model, dm, **trainer_kwargs):
     return result_collector(lightning).test_result.metrics
 
 
-# (train batch size, epochs): enough steps, at each detector's default learning rate, that quality does not
-# hang on the seed. Seeds 0-11 gave image AUROC 0.984-1.0 (STFPM) and 1.0 (Reverse Distillation), pixel AUPRO
-# 0.25 or more above the random teacher's. STFPM's 15 steps at lr 0.05 used to pass for seed 0 alone.
-STEPS = {"STFPM": (2, 8), "ReverseDistillation": (3, 5)}
+# (train batch size, epochs, learning rate, least image AUROC): enough steps that quality does not hang on the
+# seed. STFPM at its default lr: seeds 0-11 gave image AUROC 0.984-1.0. Reverse Distillation's residual decoder
+# (the paper's) learns slower at this budget than the plain convolution stack of 0.2 did: at lr 0.01, 72 steps,
+# seeds 0-5 gave 0.92-1.0 (pixel AUPRO 0.92-0.94); benchmarks/trained_steps.py measures it at full budget.
+STEPS = {"STFPM": (2, 8, 0.4, 0.95), "ReverseDistillation": (2, 8, 0.01, 0.9)}
 
 
 @pytest.mark.parametrize("name", list(DETECTORS))
 def test_trained_detector_learns_and_beats_a_random_teacher(name, trained_root):
-    batch_size, epochs = STEPS[name]
+    batch_size, epochs, lr, least = STEPS[name]
     metrics = {}
     for pretrained in (True, False):
         pl.seed_everything(0)
-        model = DETECTORS[name](backbone="efficientnet_lite0", pretrained=pretrained, layers=(1, 2, 3))
+        model = DETECTORS[name](backbone="efficientnet_lite0", pretrained=pretrained, layers=(1, 2, 3), lr=lr)
         dm = datamodule(trained_root, train_batch_size=batch_size)
         metrics[pretrained] = fit_calibrate_test(model, dm, max_epochs=epochs)
-    assert metrics[True]["image_auroc"] >= 0.95
+    assert metrics[True]["image_auroc"] >= least
     assert metrics[True]["pixel_aupro"] > metrics[False]["pixel_aupro"] + 0.05
     provenance = model.calibration.provenance()
     assert provenance["method"] == "hold-out" and provenance["n"] == 6  # 25% of 24 held out, never fitted on
@@ -159,7 +160,8 @@ def cli_fit_test(root, out, *extra):
         sys.executable, "-m", "lit_anomaly", "fit+test", "--model", "ReverseDistillation",
         "--model.backbone", "efficientnet_lite0", "--data", "MVTecAD", "--data.root", str(root),
         "--data.category", "carpet", "--data.image_size", "[64,64]", "--data.num_workers", "0",
-        "--trainer.accelerator", "cpu", "--trainer.max_epochs", "10", "--run.output_dir", str(out), *extra,
+        "--model.lr", "0.01", "--trainer.accelerator", "cpu", "--trainer.max_epochs", "20",
+        "--run.output_dir", str(out), *extra,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
@@ -168,8 +170,9 @@ def cli_fit_test(root, out, *extra):
 
 
 def test_two_process_ddp_training_ends_close_to_one_process(trained_root, tmp_path):
-    """Same global batch (8 = 2 x 4) and epochs, so the same number of global samples and steps; 10 epochs, where
-    both converge (after 5, seeds 0-2 ended up to 0.06 image AUROC apart, by the seed alone)."""
+    """Same global batch (8 = 2 x 4) and epochs, so the same number of global samples and steps; 20 epochs at lr
+    0.01, where both converge (after 10 at the default lr, the residual decoder's runs ended 0.16 image AUROC apart:
+    BatchNorm sees 4 images a process, and SyncBatchNorm needs a GPU)."""
     single = cli_fit_test(trained_root, tmp_path / "one", "--data.train_batch_size", "8")
     ddp = ["--data.train_batch_size", "4", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
     distributed = cli_fit_test(trained_root, tmp_path / "ddp", *ddp)
