@@ -123,7 +123,7 @@ def run_benchmark_all(
             fitted = unified.fitted()
             if fresh:  # the class-agnostic threshold is on disk even if the first test dies
                 folder.write_report(report(), None, None)
-            return test_category(fitted, category_datamodule(model, data, category), category, trainer, run_dir, cases)
+            return test_category(fitted, unified.datamodule(category), category, trainer, run_dir, cases)
 
         folder.write_report(report(), config_yaml, None)  # resumable even if the first category never finishes
         with stopping_on_signals() as stopped:

@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..data import UnifiedDataModule
+from ..data import AnomalyDataModule, UnifiedDataModule
 from ..metrics.calibration import Calibration
 from ..runtime.files import RunError
 from .category import Fitted, category_datamodule, fit_detector
@@ -49,6 +49,7 @@ class UnifiedFit:
             self._check_fitted_on(summary["categories"])
         self._fitted: Fitted | None = None
         self._error: Exception | None = None
+        self._datamodules: dict[str, AnomalyDataModule] = {}
 
     @property
     def checkpoint(self) -> Path | None:
@@ -57,6 +58,12 @@ class UnifiedFit:
     @property
     def ready(self) -> bool:
         return self._fitted is not None
+
+    def datamodule(self, category: str) -> AnomalyDataModule:
+        """The category's own datamodule: the one the fit read, so its files are listed and checked once."""
+        if category not in self._datamodules:
+            self._datamodules[category] = category_datamodule(self.model, self.data, category)
+        return self._datamodules[category]
 
     def fitted(self) -> Fitted:
         """The fitted detector, for testing: fit or read back once; a fit that failed fails every category."""
@@ -71,7 +78,7 @@ class UnifiedFit:
         return self._fitted
 
     def _fit(self) -> Fitted:
-        datamodule = UnifiedDataModule([category_datamodule(self.model, self.data, c) for c in self.categories])
+        datamodule = UnifiedDataModule([self.datamodule(c) for c in self.categories])
         fitted = fit_detector(self.model, datamodule, UNIFIED, self.trainer, self.run_dir, self.checkpoint)
         calibration = fitted.calibration
         warn([calibration.shortfall_message()], f"{UNIFIED} (class-agnostic threshold)")
